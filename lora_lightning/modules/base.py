@@ -1,0 +1,234 @@
+"""The base LightningModule every method shares: backbone, task, injection, metrics, optimiser, checkpoints.
+
+A method subclasses :class:`AdapterModule` and implements :meth:`make_adapter`; it may add loss terms
+(:meth:`extra_losses`), optimiser parameter groups (:meth:`param_groups`) and the callbacks its rank
+machinery needs (``configure_callbacks``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lora_lightning.adapters.base import (
+    AdapterLayer,
+    adapter_layers,
+    adapter_state_keys,
+    find_classifier_head,
+    inject_adapters,
+    set_trainable,
+)
+from lora_lightning.backbone import load_backbone
+from lora_lightning.modules.tasks import Task, build_task
+
+CHECKPOINT_KEY = "lora_lightning"
+FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint that belongs to another method, backbone or adapter layout."""
+
+
+def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    """LR factor rising linearly to 1 over ``warmup_steps`` optimiser steps, then falling linearly to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class AdapterModule(L.LightningModule):
+    """A ``transformers`` backbone with adapter layers injected into ``target_modules``.
+
+    Args:
+        backbone: hub id, local folder, or packaged alias (``minilm``, ``smollm2``).
+        task: ``sequence-classification`` (``num_labels=1`` is regression) or ``causal-lm``.
+        target_modules: linear-layer name suffixes, a regex on the full name, or ``"all-linear"``.
+        modules_to_save: modules trained in full and saved with the adapter; ``None`` finds the
+            classification head automatically.
+        metrics: names of validation metrics (default: the task's); the first is the one to monitor.
+        optimizer / lr_scheduler: callables taking parameter groups / an optimiser (set from YAML);
+            defaults are AdamW(``learning_rate``, ``weight_decay``) and linear warmup then decay.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "minilm",
+        task: str = "sequence-classification",
+        num_labels: int = 2,
+        target_modules: str | list[str] = "all-linear",
+        modules_to_save: list[str] | None = None,
+        metrics: list[str] | None = None,
+        label_names: list[str] | None = None,
+        learning_rate: float = 5e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.06,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.task: Task = build_task(task, num_labels)
+        self.backbone = load_backbone(backbone, task, num_labels, trust_remote_code=trust_remote_code)
+        self.modules_to_save = (
+            list(modules_to_save) if modules_to_save is not None
+            else find_classifier_head(self.backbone) if task == "sequence-classification" else []
+        )
+        inject_adapters(self.backbone, target_modules, self.make_adapter)
+        set_trainable(self.backbone, self.modules_to_save)
+        self.val_metrics = self.task.build_metrics(metrics)
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        self.label_names = label_names
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+
+    # ----------------------------------------------------------------- what a method defines
+    def make_adapter(self, name: str, layer: nn.Module) -> AdapterLayer:
+        """The adapter that replaces the linear layer ``name``."""
+        raise NotImplementedError
+
+    def extra_losses(self) -> dict[str, Tensor]:
+        """Weighted terms added to the training loss only (never to validation), logged as ``train/<name>``."""
+        return {}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups; methods add groups (with a ``name``) rather than toggling requires_grad."""
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        return [{"name": "adapters", "params": params, "weight_decay": self.hparams.weight_decay}]
+
+    # ----------------------------------------------------------------- structure
+    @property
+    def adapters(self) -> dict[str, AdapterLayer]:
+        return adapter_layers(self.backbone)
+
+    def adapter_state_keys(self) -> list[str]:
+        return [f"backbone.{key}" for key in adapter_state_keys(self.backbone, self.modules_to_save)]
+
+    def backbone_fingerprint(self) -> dict[str, Any]:
+        config = self.backbone.config
+        return {field: getattr(config, field, None) for field in FINGERPRINT_FIELDS}
+
+    # ----------------------------------------------------------------- steps
+    def forward(self, batch: dict[str, Tensor]):
+        return self.backbone(**batch)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        task_loss = self.task.loss(self(batch), batch)
+        extra = self.extra_losses()
+        loss = task_loss + sum(extra.values()) if extra else task_loss
+        batch_size = batch["labels"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if extra:
+            self.log("train/task_loss", task_loss, batch_size=batch_size)
+            for name, value in extra.items():
+                self.log(f"train/{name}", value, batch_size=batch_size)
+        return loss
+
+    def _evaluate(self, batch: dict[str, Tensor], metrics, stage: str) -> None:
+        outputs = self(batch)
+        self.task.update_metrics(metrics, outputs, batch)
+        batch_size = batch["labels"].shape[0]
+        self.log(f"{stage}/loss", self.task.loss(outputs, batch), batch_size=batch_size, sync_dist=True)
+        self.log_dict(metrics, batch_size=batch_size, prog_bar=stage == "val")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        """Class ids (classification), scores (regression) or per-token logits (causal LM)."""
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        logits = self(inputs).logits
+        if self.hparams.task == "causal-lm":
+            return logits
+        return logits.squeeze(-1) if self.hparams.num_labels == 1 else logits.argmax(-1)
+
+    # ----------------------------------------------------------------- data link
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_labels = getattr(datamodule, "num_labels", None)
+        if self.hparams.task == "sequence-classification" and data_labels is not None:
+            if data_labels != self.hparams.num_labels:
+                raise ValueError(
+                    f"The data has {data_labels} labels but the model was built with num_labels="
+                    f"{self.hparams.num_labels}; set model num_labels: {data_labels} in the config."
+                )
+            self.label_names = getattr(datamodule, "label_names", None) or self.label_names
+        if self.label_names:
+            self.backbone.config.id2label = dict(enumerate(self.label_names))
+            self.backbone.config.label2id = {name: i for i, name in enumerate(self.label_names)}
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self):
+        groups = self.param_groups()
+        if self.optimizer_factory is not None:
+            optimizer = self.optimizer_factory(groups)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=self.hparams.learning_rate)
+        if self.lr_scheduler_factory is not None:
+            scheduler = self.lr_scheduler_factory(optimizer)
+        else:
+            total = int(self.trainer.estimated_stepping_batches)
+            scheduler = linear_warmup_decay(optimizer, total, int(self.hparams.warmup_ratio * total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------- checkpoints: adapter, not backbone
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keys = set(self.adapter_state_keys())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keys}
+        checkpoint[CHECKPOINT_KEY] = {
+            "method": type(self).__name__,
+            "backbone": self.hparams.backbone,
+            "fingerprint": self.backbone_fingerprint(),
+            "label_names": self.label_names,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        if meta is None:
+            raise CheckpointMismatchError(
+                "This checkpoint was not written by lora-lightning (no 'lora_lightning' section); "
+                "load it with the tool that wrote it."
+            )
+        if meta["method"] != type(self).__name__:
+            raise CheckpointMismatchError(
+                f"The checkpoint holds a {meta['method']} but is being loaded into a {type(self).__name__}; "
+                f"use {meta['method']}.load_from_checkpoint or the matching config."
+            )
+        if meta["fingerprint"] != self.backbone_fingerprint():
+            raise CheckpointMismatchError(
+                f"The checkpoint was trained on backbone '{meta['backbone']}' ({meta['fingerprint']}), which differs "
+                f"from '{self.hparams.backbone}' ({self.backbone_fingerprint()}); load it with backbone: {meta['backbone']}."
+            )
+        self.label_names = meta.get("label_names") or self.label_names
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
+        """Load an adapter-only state dict: every adapter key must be present, the backbone keys may not be."""
+        expected = set(self.adapter_state_keys())
+        missing = sorted(expected - set(state_dict))
+        full_keys = set(self.state_dict())
+        unexpected = sorted(set(state_dict) - full_keys)
+        if strict and (missing or unexpected):
+            raise CheckpointMismatchError(
+                f"Adapter weights do not fit this model: missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}. Was it saved with other "
+                f"target_modules or another method?"
+            )
+        own = self.state_dict()
+        wrong_shape = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+        if wrong_shape:
+            k = wrong_shape[0]
+            raise CheckpointMismatchError(
+                f"Adapter tensor '{k}' has shape {tuple(state_dict[k].shape)} in the checkpoint but "
+                f"{tuple(own[k].shape)} in this model ({len(wrong_shape)} tensors differ): ranks or targets changed."
+            )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny randomly initialised backbones saved to a temporary folder, so tests go through the
+same ``from_pretrained`` path as users, in seconds. Their tokenizers are the packaged real ones."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+from lora_lightning.backbone import load_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _save_tiny(model, tokenizer_alias: str, folder) -> str:
+    model.save_pretrained(folder)
+    load_tokenizer(tokenizer_alias).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A 2-layer BERT (hidden 32) with the packaged MiniLM tokenizer, as a local folder."""
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, num_labels=2,
+    )
+    return _save_tiny(BertForSequenceClassification(config), "minilm", tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A 2-layer Llama (hidden 32) with the packaged SmolLM2 tokenizer, as a local folder."""
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer("smollm2")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return _save_tiny(LlamaForCausalLM(config), "smollm2", tmp_path_factory.mktemp("tiny-llama"))
+
+
+def random_batch(vocab_size: int = 30522, batch_size: int = 4, seq_len: int = 12, num_labels: int = 2, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1000, vocab_size, (batch_size, seq_len), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, -3:] = 0
+    labels = torch.randint(0, num_labels, (batch_size,), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
