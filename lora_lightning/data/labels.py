@@ -41,14 +41,15 @@ class LabelSpace:
         """Map parsed labels to what the loss takes: float scores, or class ids."""
         if self.is_regression:
             return [float(value) for value in values]
-        if self.names is None:
-            return [int(value) for value in values]
-        index = {name: i for i, name in enumerate(self.names)}
+        index = {name: i for i, name in enumerate(self.names or ())}
         encoded = []
         for value in values:
-            if str(value) not in index:
-                raise ValueError(f"Label '{value}' is not one of the known labels {list(self.names)}.")
-            encoded.append(index[str(value)])
+            if not isinstance(value, str):  # numbers are already class ids
+                encoded.append(int(value))
+            elif value in index:
+                encoded.append(index[value])
+            else:
+                raise ValueError(f"Label '{value}' is not one of the known labels {list(self.names or ())}.")
         return encoded
 
 
@@ -65,12 +66,17 @@ def infer_label_space(
     distinct = set(values)
     text = sorted(str(v) for v in distinct if isinstance(v, str))
     if text:
+        if len(text) != len(distinct):
+            numbers = sorted(str(v) for v in distinct if not isinstance(v, str))
+            raise ValueError(
+                f"The labels mix numbers {numbers[:5]} and text {text[:5]}; use one kind in the label column."
+            )
         if num_labels == 1:
             raise ValueError(
                 f"num_labels=1 means regression, but the labels are text ({text[:5]}). "
                 "Use numeric scores, or set num_labels to the number of classes."
             )
-        all_names = sorted(str(v) for v in distinct)
+        all_names = text
         if names is not None:
             unknown = [name for name in all_names if name not in names]
             if unknown:
