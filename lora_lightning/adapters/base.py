@@ -50,6 +50,11 @@ class AdapterLayer(nn.Module):
         """ΔW x computed through the low-rank factors, without forming ΔW."""
         raise NotImplementedError
 
+    def lora_factors(self) -> tuple[Tensor, Tensor, float]:
+        """The update as plain LoRA factors ``(A (k × d_in), B (d_out × k), scaling)`` with ΔW = scaling · B A,
+        keeping only the ``k`` ranks in use (the form PEFT's LoRA format stores)."""
+        raise NotImplementedError
+
     def adapter_parameters(self) -> Iterator[nn.Parameter]:
         return (p for name, p in self.named_parameters() if not name.startswith("base_layer."))
 

@@ -49,6 +49,9 @@ class LoRALinear(AdapterLayer):
     def delta_weight(self) -> Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
 
+    def lora_factors(self) -> tuple[Tensor, Tensor, float]:
+        return self.lora_A, self.lora_B, self.scaling
+
     def adapter_output(self, x: Tensor) -> Tensor:
         x = self.dropout(x).to(self.lora_A.dtype)
         return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling

@@ -48,6 +48,12 @@ class SVDLinear(AdapterLayer):
         p, singular_values, q = self.factors()
         return (p * singular_values) @ q * self.scaling
 
+    def lora_factors(self) -> tuple[Tensor, Tensor, float]:
+        """Kept triplets only: A = diag(Λ_kept) Q_kept, B = P_kept."""
+        p, singular_values, q = self.factors()
+        kept = self.rank_mask.nonzero().squeeze(1)
+        return q[kept] * singular_values[kept].unsqueeze(1), p[:, kept], self.scaling
+
     def adapter_output(self, x: Tensor) -> Tensor:
         p, singular_values, q = self.factors()
         x = self.dropout(x).to(q.dtype)

@@ -1,0 +1,5 @@
+"""LightningModules, one per method, sharing :class:`AdapterModule`."""
+from lora_lightning.modules.base import AdapterModule, CheckpointMismatchError
+from lora_lightning.modules.lora import LoRAModule
+
+__all__ = ["AdapterModule", "CheckpointMismatchError", "LoRAModule"]

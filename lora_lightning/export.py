@@ -1,0 +1,122 @@
+"""Exports: a PEFT-format adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) and a merged
+full model through ``save_pretrained``. Every export is written to a temporary folder beside the target and
+moved into place in one rename, so an interrupted export never leaves a half-written folder behind."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import save_file
+
+from lora_lightning.adapters.base import adapter_layers, unload_adapters
+from lora_lightning.modules.base import AdapterModule
+
+PEFT_PREFIX = "base_model.model."
+
+
+@contextmanager
+def atomic_folder(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``target`` in one rename, on failure it is removed."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; choose another folder or pass overwrite=True (--overwrite).")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            retired = target.with_name(f".{target.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            os.replace(target, retired)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _task_type(module: AdapterModule) -> str:
+    return "CAUSAL_LM" if module.hparams.task == "causal-lm" else "SEQ_CLS"
+
+
+def _saved_module_tensors(module: AdapterModule) -> dict[str, torch.Tensor]:
+    """Full weights of ``modules_to_save`` under PEFT's key names."""
+    tensors = {}
+    for name in module.modules_to_save:
+        for key, value in module.backbone.get_submodule(name).state_dict().items():
+            tensors[f"{PEFT_PREFIX}{name}.{key}"] = value
+    return tensors
+
+
+def peft_lora_state(module: AdapterModule) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter_config, tensors)`` in PEFT's LoRA format with per-module ranks.
+
+    Every adapter reports its update as LoRA factors (``AdapterLayer.lora_factors``); an SVD adapter gives
+    only its kept triplets, so a module pruned to rank 0 is left out. The per-module ``lora_alpha`` is chosen so
+    that PEFT's ``lora_alpha / r`` equals our scaling.
+    """
+    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    for name, layer in adapter_layers(module.backbone).items():
+        lora_a, lora_b, scaling = layer.lora_factors()
+        rank = lora_a.shape[0]
+        if rank == 0:
+            continue
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = lora_a
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = lora_b
+        rank_pattern[name] = rank
+        alpha_pattern[name] = scaling * rank
+    if not rank_pattern:
+        raise ValueError("Every adapter has rank 0 after pruning: there is nothing to export.")
+    tensors.update(_saved_module_tensors(module))
+    first = next(iter(rank_pattern))
+    config = {
+        "peft_type": "LORA",
+        "task_type": _task_type(module),
+        "base_model_name_or_path": module.hparams.backbone,
+        "target_modules": sorted(rank_pattern),
+        "r": rank_pattern[first],
+        "lora_alpha": alpha_pattern[first],
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": module.modules_to_save or None,
+        "inference_mode": True,
+    }
+    return config, tensors
+
+
+# format name -> function returning (adapter_config, tensors); methods register their own formats.
+PEFT_FORMATS: dict[str, Callable[[AdapterModule], tuple[dict, dict[str, torch.Tensor]]]] = {"lora": peft_lora_state}
+
+
+def export_peft(module: AdapterModule, folder: str | os.PathLike, format: str = "lora", overwrite: bool = False) -> Path:
+    """Write the adapter as a folder that ``peft.PeftModel.from_pretrained(backbone, folder)`` loads."""
+    if format not in PEFT_FORMATS:
+        raise ValueError(f"Unknown export format '{format}'; choose one of {sorted(PEFT_FORMATS)}.")
+    config, tensors = PEFT_FORMATS[format](module)
+    tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in tensors.items()}
+    with atomic_folder(folder, overwrite) as staging:
+        save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
+        (staging / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if module.label_names:
+            (staging / "label_names.json").write_text(json.dumps(module.label_names))
+    return Path(folder)
+
+
+def export_merged(module: AdapterModule, folder: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Merge every adapter into its base weight and save the plain ``transformers`` model (and tokenizer)."""
+    merged = unload_adapters(copy.deepcopy(module.backbone).cpu(), merge=True)
+    with atomic_folder(folder, overwrite) as staging:
+        merged.save_pretrained(staging, safe_serialization=True)
+    return Path(folder)
