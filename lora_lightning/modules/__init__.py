@@ -1,5 +1,6 @@
 """LightningModules, one per method, sharing :class:`AdapterModule`."""
+from lora_lightning.modules.adalora import AdaLoRAModule
 from lora_lightning.modules.base import AdapterModule, CheckpointMismatchError
 from lora_lightning.modules.lora import LoRAModule
 
-__all__ = ["AdapterModule", "CheckpointMismatchError", "LoRAModule"]
+__all__ = ["AdaLoRAModule", "AdapterModule", "CheckpointMismatchError", "LoRAModule"]

@@ -1,0 +1,97 @@
+"""AdaLoRA's budget: the cubic schedule of how many triplets stay, and global top-b masking (METHODS.md §2).
+
+Steps ``t`` are optimiser steps counted from 1 (``t`` = steps taken so far). With ``T`` total steps:
+
+* ``t <= tinit``: warm-up, every triplet kept (``b0 = r_init · n``), no masking;
+* ``tinit < t < T - tfinal``: ``b(t) = b_T + (b0 - b_T) · (1 - (t - tinit) / (T - tinit - tfinal))³`` (integer part),
+  masking every ``delta_t`` steps;
+* ``t >= T - tfinal``: the target ``b_T = r_target · n``; the pattern is fixed once, at the first such step, and kept.
+  (``>=``: a counter that skips the exact step still finalises.)
+
+This is PEFT's ``RankAllocator`` schedule as driven by ``AdaLoraModel.update_and_allocate``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def resolve_steps(value: int | float, total_step: int, name: str) -> int:
+    """A phase length given as steps (int) or as a fraction of the run (float in [0, 1))."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int number of steps or a float fraction, got {value!r}.")
+    if isinstance(value, float):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{name} as a fraction of the run must be in [0, 1), got {value}.")
+        return int(value * total_step)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 steps, got {value}.")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class BudgetSchedule:
+    init_budget: int
+    target_budget: int
+    tinit: int
+    tfinal: int
+    total_step: int
+    delta_t: int = 1
+
+    def __post_init__(self) -> None:
+        if self.delta_t < 1:
+            raise ValueError(f"delta_t must be >= 1 optimiser step, got {self.delta_t}.")
+        if self.target_budget > self.init_budget:
+            raise ValueError(f"The target budget ({self.target_budget}) exceeds the initial one ({self.init_budget}).")
+        if self.target_budget < 0:
+            raise ValueError(f"The target budget must be >= 0, got {self.target_budget}.")
+        if self.total_step < 1:
+            raise ValueError(f"total_step must be >= 1, got {self.total_step}.")
+        if self.tinit + self.tfinal >= self.total_step:
+            raise ValueError(
+                f"The rank schedule does not fit the run: tinit ({self.tinit}) + tfinal ({self.tfinal}) must be less "
+                f"than total_step ({self.total_step}) so that there are steps left to prune in; lower tinit/tfinal or "
+                f"train for longer."
+            )
+
+    @property
+    def final_step(self) -> int:
+        """The first step of the final phase (the pattern is fixed here)."""
+        return self.total_step - self.tfinal
+
+    def budget(self, step: int) -> int:
+        if step <= self.tinit:
+            return self.init_budget
+        if step >= self.final_step:
+            return self.target_budget
+        progress = 1 - (step - self.tinit) / (self.total_step - self.tfinal - self.tinit)
+        return int((self.init_budget - self.target_budget) * progress**3 + self.target_budget)
+
+    def updates_importance(self, step: int) -> bool:
+        return step < self.final_step
+
+    def masks_at(self, step: int) -> bool:
+        """Whether a masking event falls on ``step`` in the budget phase (the final one is handled apart)."""
+        return self.tinit < step < self.final_step and step % self.delta_t == 0
+
+
+def top_b_masks(scores: dict[str, Tensor], budget: int) -> dict[str, Tensor]:
+    """Keep exactly ``budget`` triplets over all units: the highest scores, ties going to the earlier unit (in the
+    dict's order) and then the lower index. ``budget`` at or above the total keeps everything; 0 keeps nothing."""
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in names])
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    budget = max(0, min(int(budget), flat.numel()))
+    if budget:
+        # NaN would sort first; treat it as the least important.
+        flat = torch.nan_to_num(flat, nan=float("-inf"))
+        order = torch.sort(flat, descending=True, stable=True).indices
+        keep[order[:budget]] = True
+    masks, start = {}, 0
+    for name in names:
+        n = scores[name].numel()
+        masks[name] = keep[start : start + n].float()
+        start += n
+    return masks

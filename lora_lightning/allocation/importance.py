@@ -1,0 +1,143 @@
+"""AdaLoRA's importance: sensitivity × uncertainty, smoothed per entry, summed into triplet scores (METHODS.md §2).
+
+For every entry w of P, Λ and Q, after each optimiser step (post-step values, that step's gradient):
+
+    I = |w · ∂L/∂w|,   Ī ← β1 Ī + (1 − β1) I,   Ū ← β2 Ū + (1 − β2) |I − Ī|,   s = Ī · Ū
+
+and the score of triplet i of a matrix is ``S_i = s(Λ_i) + mean_j s(Q_ij) + mean_j s(P_ji)``.
+
+The unit of allocation is a :class:`RankUnit`: the ``(P, Λ, Q)`` tensors of one adapted matrix plus the 0/1 mask
+buffer that decides which of its triplets are kept. Anything that can report rank units can be pruned by
+:class:`~lora_lightning.callbacks.RankPruningScheduler` (SVD adapters give their leaf parameters; a hypernetwork
+gives the tensors it generated, with retained gradients). Nothing here imports Lightning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FACTOR_NAMES = ("P", "lam", "Q")
+
+
+@dataclass
+class RankUnit:
+    """One adapted matrix, as the rank allocator sees it.
+
+    Attributes:
+        P: ``(d_out, r)`` left singular vectors.
+        lam: ``(r,)`` singular values (unmasked: the raw values, not ``Λ ⊙ m``).
+        Q: ``(r, d_in)`` right singular vectors.
+        mask: ``(r,)`` float 0/1 buffer; the allocator writes the kept triplets into it in place.
+
+    ``P``, ``lam`` and ``Q`` must hold, when the allocator runs (right after an optimiser step), the values the
+    importance is measured on and, in ``.grad``, the gradient of the step just taken. Leaf parameters do this by
+    themselves; generated (non-leaf) tensors must call ``retain_grad()`` in the forward pass and be cached until
+    the allocator has run. A ``None`` gradient means "not used in this step": that tensor's state is left as is.
+    """
+
+    P: Tensor
+    lam: Tensor
+    Q: Tensor
+    mask: Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.mask.numel()
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.P, self.lam, self.Q
+
+
+class ImportanceTracker:
+    """The Ī and Ū exponential moving averages of every entry of every rank unit, in fp32.
+
+    ``update`` takes one optimiser step; a step whose gradients are not all finite is skipped whole (returns
+    ``False``), so one overflow never poisons the averages; a ``None`` gradient skips only that tensor.
+    """
+
+    def __init__(self, beta1: float = 0.85, beta2: float = 0.85) -> None:
+        for name, beta in (("beta1", beta1), ("beta2", beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {beta}.")
+        self.beta1, self.beta2 = float(beta1), float(beta2)
+        self.exp_avg_ipt: dict[str, Tensor] = {}  # Ī, keyed "<unit>.<P|lam|Q>"
+        self.exp_avg_unc: dict[str, Tensor] = {}  # Ū
+
+    @torch.no_grad()
+    def update(self, units: dict[str, RankUnit]) -> bool:
+        keys, values, grads = [], [], []
+        for name, unit in units.items():
+            for factor, tensor in zip(FACTOR_NAMES, unit.factors()):
+                if tensor.grad is not None:
+                    keys.append(f"{name}.{factor}")
+                    values.append(tensor.detach().float())
+                    grads.append(tensor.grad.detach().float())
+        if not keys:
+            return False
+        ipt = torch._foreach_mul(values, grads)
+        torch._foreach_abs_(ipt)
+        # One reduction for the whole step: skip it entirely if any entry is inf/nan.
+        if not bool(torch.stack([torch.isfinite(t).all() for t in ipt]).all()):
+            return False
+        for key, t in zip(keys, ipt):
+            if key not in self.exp_avg_ipt:
+                self.exp_avg_ipt[key] = torch.zeros_like(t)
+                self.exp_avg_unc[key] = torch.zeros_like(t)
+            elif self.exp_avg_ipt[key].device != t.device:
+                self.exp_avg_ipt[key] = self.exp_avg_ipt[key].to(t.device)
+                self.exp_avg_unc[key] = self.exp_avg_unc[key].to(t.device)
+        ibar = [self.exp_avg_ipt[k] for k in keys]
+        ubar = [self.exp_avg_unc[k] for k in keys]
+        # Ī ← β1 Ī + (1 − β1) I   (written as PEFT writes it, so scores match it to the last bit)
+        torch._foreach_mul_(ibar, self.beta1)
+        torch._foreach_add_(ibar, torch._foreach_mul(ipt, 1.0 - self.beta1))
+        # Ū ← β2 Ū + (1 − β2) |I − Ī|
+        diff = torch._foreach_sub(ipt, ibar)
+        torch._foreach_abs_(diff)
+        torch._foreach_mul_(diff, 1.0 - self.beta2)
+        torch._foreach_mul_(ubar, self.beta2)
+        torch._foreach_add_(ubar, diff)
+        return True
+
+    def element_score(self, key: str) -> Tensor | None:
+        if key not in self.exp_avg_ipt:
+            return None
+        return self.exp_avg_ipt[key] * self.exp_avg_unc[key]
+
+    def triplet_scores(self, units: dict[str, RankUnit]) -> dict[str, Tensor]:
+        """``S_i`` per unit, shape ``(r,)``; tensors never seen with a gradient score 0."""
+        scores = {}
+        for name, unit in units.items():
+            s_lam = self.element_score(f"{name}.lam")
+            s_p = self.element_score(f"{name}.P")
+            s_q = self.element_score(f"{name}.Q")
+            zeros = torch.zeros(unit.rank, device=unit.mask.device)
+            s_lam = zeros if s_lam is None else s_lam.view(-1)
+            mean_q = zeros if s_q is None else s_q.mean(dim=1)
+            mean_p = zeros if s_p is None else s_p.mean(dim=0)
+            scores[name] = s_lam + (mean_q + mean_p)
+        return scores
+
+    def state_dict(self) -> dict:
+        return {
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "exp_avg_ipt": {k: v.detach().cpu().clone() for k, v in self.exp_avg_ipt.items()},
+            "exp_avg_unc": {k: v.detach().cpu().clone() for k, v in self.exp_avg_unc.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.exp_avg_ipt = {k: v.float().clone() for k, v in state["exp_avg_ipt"].items()}
+        self.exp_avg_unc = {k: v.float().clone() for k, v in state["exp_avg_unc"].items()}
+
+
+def orthogonal_regularizer(units: dict[str, RankUnit] | list[tuple[Tensor, Tensor]]) -> Tensor:
+    """``Σ_k (‖P_kᵀP_k − I‖_F + ‖Q_k Q_kᵀ − I‖_F) / (2n)`` with the unsquared norm, as PEFT and the authors' code."""
+    pairs = [(u.P, u.Q) for u in units.values()] if isinstance(units, dict) else list(units)
+    total = 0.0
+    for p, q in pairs:
+        eye = torch.eye(p.shape[1], device=p.device, dtype=p.dtype)
+        total = total + torch.linalg.matrix_norm(p.T @ p - eye) + torch.linalg.matrix_norm(q @ q.T - eye)
+    return total / (2 * len(pairs))

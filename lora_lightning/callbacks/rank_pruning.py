@@ -1,0 +1,259 @@
+"""RankPruningScheduler: AdaLoRA's importance-driven rank pruning, run by Lightning once per optimiser step.
+
+What the LightningModule must provide (the whole interface; nothing else of the module is touched):
+
+* ``rank_units() -> dict[str, RankUnit]`` (:class:`lora_lightning.allocation.importance.RankUnit`): one entry per
+  adapted matrix, in a fixed order, same names and shapes on every call and every rank. Each unit gives
+  ``P (d_out × r)``, ``lam (r,)``, ``Q (r × d_in)`` whose values and ``.grad`` are those of the optimiser step just
+  taken when ``on_train_batch_end`` runs, and ``mask``, an ``(r,)`` float buffer the scheduler overwrites in place
+  with 0/1 (the module must apply it multiplicatively, e.g. ``Λ ⊙ m``). Leaf parameters satisfy this as they are
+  (AdaLoRA); generated tensors must ``retain_grad()`` in the forward and be cached until then (HyperAdaLoRA).
+* ``target_r`` (int) attribute, unless the scheduler is given ``target_r``: the average rank to end with.
+
+What it does, per optimiser step ``t`` (= ``trainer.global_step`` after the step; micro-batches of gradient
+accumulation are not steps): update the importance EMAs (unless ``t >= T - tfinal``; a step with non-finite
+gradients, such as one skipped by fp16 loss scaling, is left out of the EMAs), then mask to the budget ``b(t)`` every
+``delta_t`` steps, and fix the target pattern at the first ``t >= T - tfinal``. Masks are computed from state that is
+identical on every DDP rank (gradients are all-reduced before the step) and then broadcast from rank 0, so no rank
+can drift. Its state (EMAs in fp32, masks, the step it has reached, whether the pattern is final) is its
+``state_dict``, which Lightning stores in checkpoints: a resumed run continues exactly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+import weakref
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from lora_lightning.allocation.budget import BudgetSchedule, resolve_steps, top_b_masks
+from lora_lightning.allocation.importance import ImportanceTracker, RankUnit
+from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary, write_rank_pattern
+
+log = logging.getLogger(__name__)
+
+
+def validate_ranks(init_r: int, target_r: int) -> None:
+    if target_r < 0:
+        raise ValueError(f"target_r must be >= 0, got {target_r}.")
+    if target_r > init_r:
+        raise ValueError(f"target_r ({target_r}) cannot exceed init_r ({init_r}): AdaLoRA only prunes ranks.")
+
+
+class RankPruningScheduler(Callback):
+    """Prune adapter ranks by AdaLoRA importance on the cubic budget schedule (METHODS.md §2).
+
+    Args:
+        tinit: warm-up steps with every rank kept; an int counts optimiser steps, a float is a fraction of the run.
+        tfinal: final steps with the pattern fixed (int steps or float fraction).
+        delta_t: optimiser steps between two masking events (>= 1).
+        beta1 / beta2: EMA factors for sensitivity and uncertainty, in [0, 1).
+        total_step: optimiser steps of the run; default ``trainer.estimated_stepping_batches``.
+        target_r: average rank to end with; default the module's ``target_r``.
+        report_dir: where to write ``rank_pattern.json`` at the end; default beside the checkpoints.
+        log_heatmap: log a layers × module-type image of kept ranks to TensorBoard at every masking event.
+    """
+
+    def __init__(
+        self,
+        tinit: int | float = 0,
+        tfinal: int | float = 0,
+        delta_t: int = 1,
+        beta1: float = 0.85,
+        beta2: float = 0.85,
+        total_step: int | None = None,
+        target_r: int | None = None,
+        report_dir: str | None = None,
+        log_heatmap: bool = True,
+    ) -> None:
+        super().__init__()
+        if delta_t < 1:
+            raise ValueError(f"delta_t must be >= 1 optimiser step, got {delta_t}.")
+        for name, value in (("tinit", tinit), ("tfinal", tfinal)):
+            resolve_steps(value, 1, name)  # type and range check now, conversion once total_step is known
+        self.tinit, self.tfinal, self.delta_t = tinit, tfinal, int(delta_t)
+        self.importance = ImportanceTracker(beta1, beta2)
+        self.total_step, self.target_r = total_step, target_r
+        self.report_dir, self.log_heatmap = report_dir, log_heatmap
+        self.schedule: BudgetSchedule | None = None
+        self.step = 0  # optimiser steps processed
+        self.finalised = False
+        self.disabled = False  # init_r == target_r: nothing to prune
+        self.skipped_steps = 0  # steps left out of the EMAs (non-finite gradients)
+        self.budget = 0
+        self._loaded_masks: dict[str, torch.Tensor] | None = None
+        self._module: weakref.ref | None = None
+
+    # ----------------------------------------------------------------- set-up
+    @staticmethod
+    def units(pl_module: L.LightningModule) -> dict[str, RankUnit]:
+        if not hasattr(pl_module, "rank_units"):
+            raise TypeError(
+                f"RankPruningScheduler needs a module with rank_units() (e.g. AdaLoRAModule); "
+                f"{type(pl_module).__name__} has none."
+            )
+        return pl_module.rank_units()
+
+    def build_schedule(self, units: dict[str, RankUnit], total_step: int, target_r: int) -> BudgetSchedule:
+        init_budget = sum(u.rank for u in units.values())
+        for unit in units.values():
+            validate_ranks(unit.rank, target_r)
+        return BudgetSchedule(
+            init_budget=init_budget,
+            target_budget=target_r * len(units),
+            tinit=resolve_steps(self.tinit, total_step, "tinit"),
+            tfinal=resolve_steps(self.tfinal, total_step, "tfinal"),
+            total_step=total_step,
+            delta_t=self.delta_t,
+        )
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._module = weakref.ref(pl_module)
+        units = self.units(pl_module)
+        if not units:
+            raise ValueError("The module reports no rank units: there is nothing to prune.")
+        target_r = self.target_r if self.target_r is not None else getattr(pl_module, "target_r", None)
+        if target_r is None:
+            raise ValueError("RankPruningScheduler needs target_r (argument, or a target_r attribute on the module).")
+        self.target_r = int(target_r)
+        ranks = {u.rank for u in units.values()}
+        if ranks == {self.target_r}:
+            warnings.warn(
+                f"init_r == target_r == {self.target_r}: AdaLoRA has nothing to prune; training with fixed ranks.",
+                stacklevel=2,
+            )
+            self.disabled = True
+            return
+        total = self.total_step if self.total_step is not None else trainer.estimated_stepping_batches
+        if total == float("inf") or total is None:
+            raise ValueError("The run has no step limit: set max_steps/max_epochs or RankPruningScheduler total_step.")
+        self.schedule = self.build_schedule(units, int(total), self.target_r)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._loaded_masks is not None:  # resumed: the module's buffers come from the same checkpoint
+            with torch.no_grad():
+                for name, unit in self.units(pl_module).items():
+                    if name in self._loaded_masks:
+                        unit.mask.copy_(self._loaded_masks[name].to(unit.mask))
+            self._loaded_masks = None
+        if self.schedule is not None and self.step == 0:
+            self.budget = self.schedule.init_budget
+
+    # ----------------------------------------------------------------- the step
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.disabled or self.schedule is None:
+            return
+        step = trainer.global_step
+        if step == self.step:  # a gradient-accumulation micro-batch: no optimiser step was taken
+            return
+        self.step = step
+        self.allocate(pl_module, step, trainer)
+        pl_module.log("train/budget", float(self.budget), on_step=True, on_epoch=False, batch_size=1)
+
+    def allocate(self, pl_module: L.LightningModule, step: int, trainer: L.Trainer | None = None) -> bool:
+        """Run step ``step`` of the schedule on the module's rank units; returns whether masks changed."""
+        schedule = self.schedule
+        if self.finalised:
+            return False
+        units = self.units(pl_module)
+        if schedule.updates_importance(step):
+            if not self.importance.update(units):
+                self.skipped_steps += 1
+                log.warning("Step %d: non-finite or missing gradients, left out of the importance averages.", step)
+        if step >= schedule.final_step:
+            budget = schedule.target_budget
+            self.finalised = True
+        elif schedule.masks_at(step):
+            budget = schedule.budget(step)
+        else:
+            return False
+        masks = top_b_masks(self.importance.triplet_scores(units), budget)
+        masks = self._broadcast(masks, trainer)
+        with torch.no_grad():
+            for name, unit in units.items():
+                unit.mask.copy_(masks[name].to(unit.mask))
+        self.budget = budget
+        if trainer is not None:
+            self._report_event(trainer, pl_module, units, step)
+        return True
+
+    @staticmethod
+    def _broadcast(masks: dict[str, torch.Tensor], trainer: L.Trainer | None) -> dict[str, torch.Tensor]:
+        if trainer is None or trainer.world_size == 1:
+            return masks
+        names = list(masks)
+        flat = torch.cat([masks[n] for n in names])
+        flat = trainer.strategy.broadcast(flat, src=0)
+        out, start = {}, 0
+        for n in names:
+            out[n] = flat[start : start + masks[n].numel()].cpu()
+            start += masks[n].numel()
+        return out
+
+    # ----------------------------------------------------------------- visibility
+    @staticmethod
+    def kept_ranks(units: dict[str, RankUnit]) -> dict[str, int]:
+        return {name: int(unit.mask.sum().item()) for name, unit in units.items()}
+
+    def _report_event(self, trainer: L.Trainer, pl_module: L.LightningModule, units: dict[str, RankUnit],
+                      step: int) -> None:
+        if not trainer.is_global_zero or trainer.logger is None:
+            return
+        ranks = self.kept_ranks(units)
+        trainer.logger.log_metrics({f"rank/{name}": float(r) for name, r in ranks.items()}, step=step)
+        if self.log_heatmap:
+            log_rank_heatmap(trainer.logger, ranks, step, tag="rank/heatmap")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.schedule is None and not self.disabled:
+            return
+        if self.schedule is not None and not self.finalised and trainer.global_step >= self.schedule.total_step:
+            self.allocate(pl_module, trainer.global_step, trainer)  # a run that overshot T without the final event
+        if not trainer.is_global_zero:
+            return
+        ranks = self.kept_ranks(self.units(pl_module))
+        folder = self.report_dir
+        if folder is None:
+            ckpt = trainer.checkpoint_callback
+            folder = getattr(ckpt, "dirpath", None) or trainer.default_root_dir
+        path = write_rank_pattern(Path(folder) / "rank_pattern.json", ranks, extra={
+            "step": trainer.global_step, "final": self.finalised, "target_r": self.target_r,
+            "skipped_steps": self.skipped_steps,
+        })
+        print(rank_summary(ranks, title=f"AdaLoRA kept ranks (step {trainer.global_step}; pattern written to {path})"))
+
+    # ----------------------------------------------------------------- state
+    def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn: the module reference stays behind
+        return {**self.__dict__, "_module": None}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "importance": self.importance.state_dict(),
+            "step": self.step,
+            "finalised": self.finalised,
+            "budget": self.budget,
+            "skipped_steps": self.skipped_steps,
+            "masks": self._current_masks(),
+        }
+
+    def _current_masks(self) -> dict[str, torch.Tensor]:
+        module = self._module() if self._module is not None else None
+        if module is None:
+            return {}
+        return {n: u.mask.detach().cpu().clone() for n, u in self.units(module).items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.importance.load_state_dict(state_dict["importance"])
+        self.step = int(state_dict["step"])
+        self.finalised = bool(state_dict["finalised"])
+        self.budget = int(state_dict["budget"])
+        self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        self._loaded_masks = state_dict.get("masks") or None
