@@ -1,4 +1,5 @@
 """Lightning callbacks that run the rank machinery."""
 from lora_lightning.callbacks.rank_pruning import RankPruningScheduler
+from lora_lightning.callbacks.sensitivity import HessianSensitivityEstimator
 
-__all__ = ["RankPruningScheduler"]
+__all__ = ["HessianSensitivityEstimator", "RankPruningScheduler"]
