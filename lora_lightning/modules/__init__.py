@@ -2,5 +2,6 @@
 from lora_lightning.modules.adalora import AdaLoRAModule
 from lora_lightning.modules.base import AdapterModule, CheckpointMismatchError
 from lora_lightning.modules.lora import LoRAModule
+from lora_lightning.modules.sensitivity_lora import SensitivityLoRAModule
 
-__all__ = ["AdaLoRAModule", "AdapterModule", "CheckpointMismatchError", "LoRAModule"]
+__all__ = ["AdaLoRAModule", "AdapterModule", "CheckpointMismatchError", "LoRAModule", "SensitivityLoRAModule"]
