@@ -233,3 +233,42 @@ def test_bad_arguments_fail_in_init(kwargs, error, message):
 def test_glue_without_datasets_says_how_to_install():
     with pytest.raises(ImportError, match=r"pip install datasets.*source='files'"):
         TextClassificationDataModule(source="glue/mrpc")
+
+
+class _BagOfEmbeddings(torch.nn.Module):
+    """The smallest real classifier over token ids, enough for Trainer to run steps and save a checkpoint."""
+
+    def __init__(self, num_labels: int) -> None:
+        super().__init__()
+        self.embedding = torch.nn.EmbeddingBag(30522, num_labels)
+
+    def forward(self, input_ids):
+        return self.embedding(input_ids)
+
+
+def test_label_mapping_travels_in_a_lightning_checkpoint(tmp_path):
+    import lightning as L
+
+    class Classifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _BagOfEmbeddings(3)
+
+        def training_step(self, batch, _):
+            return torch.nn.functional.cross_entropy(self.net(batch["input_ids"]), batch["labels"])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    three = write_csv(tmp_path / "three.csv", [{"text": f"t {i}", "label": "pos neg neutral".split()[i % 3]} for i in range(12)])
+    two = write_csv(tmp_path / "two.csv", [{"text": f"t {i}", "label": "pos neg".split()[i % 2]} for i in range(12)])
+    options = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                   limit_val_batches=0, default_root_dir=tmp_path)
+    trainer = L.Trainer(max_steps=2, **options)
+    trainer.fit(Classifier(), datamodule=TextClassificationDataModule(source="files", train_file=three, batch_size=4))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+
+    resumed = TextClassificationDataModule(source="files", train_file=two, batch_size=4)
+    L.Trainer(max_steps=3, **options).fit(Classifier(), datamodule=resumed, ckpt_path=tmp_path / "run.ckpt")
+    assert resumed.label_names == ["neg", "neutral", "pos"]
+    assert set(resumed.datasets["train"].labels) == {0, 2}  # pos keeps id 2 from the checkpoint
