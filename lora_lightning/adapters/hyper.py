@@ -1,0 +1,338 @@
+"""HyperAdaLoRA's factor generator (METHODS.md §4, our reading): an attention hypernetwork that generates the
+factors of SVD (P, Λ, Q) or LoRA (A, B) adapters, once per optimiser step, independent of the input batch.
+
+::
+
+    base factors of one matrix          tokens (r × d)                     generated factor
+    P̄ (d_out × r) ── columns ──► in_proj[d_out] + rank_emb[i] + matrix_emb ─► encoder layer ─► out_proj[d_out] ─► P̄ + ΔP
+    Λ̄ (r)          ── scalars ──► in_proj[1]     + …                        ─► (MHA over r  ─► out_proj[1]     ─► Λ̄ + ΔΛ
+    Q̄ (r × d_in)   ── rows    ──► in_proj[d_in]  + …                        ─►  tokens, MLP) ─► out_proj[d_in]  ─► Q̄ + ΔQ
+
+* One :class:`FactorGenerator` per factor kind (P, Λ, Q separately; A, B for LoRA). Its input/output projections
+  are shared among all matrices with the same dimension, its encoder layer among all matrices. The matrix
+  embedding is the sum of a layer-index and a module-type embedding (``…layer.3.attention.self.query`` → 3, query).
+* Output projections start at zero, so at step 0 every generated factor equals its base factor: the model equals
+  AdaLoRA (or LoRA) with the same base factors.
+* Modes (``mode``):
+  ``residual``  P = P̄ + G(P̄), base factors and generators trained together;
+  ``recurrent`` base factors are buffers, only the generators train; after each optimiser step
+  :meth:`AdapterHypernet.recurrent_update` writes the step's generated factors into them (P̄ ← P, detached);
+  ``seeded``    base factors are frozen random buffers (AdaLoRA's init), only the generators train.
+* The mask of an SVD adapter multiplies the *generated* Λ (pruning acts on the Λ-generator's outputs).
+
+Generation and autograd (our choice, one comment here): all matrices are generated in a handful of batched calls
+(one per factor kind and dimension), never per token. The result is cached and reused by every forward until either
+a parameter or base factor changes (tracked by tensor version counters, so an optimiser step or a checkpoint load
+invalidates it) or, in grad mode, a backward pass has consumed its graph. With gradient accumulation each
+micro-batch therefore regenerates once (same values: nothing changed in between) and carries its own small graph,
+so every micro-batch's backward reaches the generators through ordinary autograd — which is also what DDP needs to
+all-reduce their gradients. The alternative (generate once, differentiate into leaf copies, push the summed
+gradient back by hand) saves a few generator passes per step but hides the generators' gradients from DDP.
+Gradients of the generated tensors themselves are accumulated over the micro-batches of a step (for importance
+scoring) and reset when a step with new parameters starts generating. Nothing here imports Lightning.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lora_lightning.adapters.base import AdapterLayer, adapter_layers
+from lora_lightning.adapters.lora import LoRALinear
+from lora_lightning.adapters.svd import SVDLinear
+
+MODES = ("residual", "recurrent", "seeded")
+
+
+class EncoderBlock(nn.Module):
+    """A pre-norm Transformer encoder layer: self-attention over the r rank tokens of a matrix, then an MLP."""
+
+    def __init__(self, hidden: int, heads: int, ff_mult: int = 2) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hypernet hidden size {hidden} is not divisible by its {heads} heads.")
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.proj = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden)
+        self.mlp = nn.Sequential(nn.Linear(hidden, ff_mult * hidden), nn.GELU(), nn.Linear(ff_mult * hidden, hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, r, h = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(n, r, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, r, h)
+        x = x + self.proj(attended)
+        return x + self.mlp(self.norm2(x))
+
+
+class FactorGenerator(nn.Module):
+    """Maps the r rank tokens of each matrix (``(n, r, d)``) to an increment of the same shape.
+
+    Args:
+        dims: token sizes it will see (one shared input/output projection per size).
+        max_rank: longest token sequence (rank-position embeddings).
+        num_layers / num_types: sizes of the matrix-embedding tables.
+    """
+
+    def __init__(self, dims: Iterable[int], max_rank: int, num_layers: int, num_types: int,
+                 hidden: int = 64, heads: int = 4, ff_mult: int = 2) -> None:
+        super().__init__()
+        dims = sorted(set(dims))
+        self.in_proj = nn.ModuleDict({str(d): nn.Linear(d, hidden) for d in dims})
+        self.out_proj = nn.ModuleDict({str(d): nn.Linear(hidden, d) for d in dims})
+        for proj in self.out_proj.values():  # zero: step 0 equals the base adapter
+            nn.init.zeros_(proj.weight)
+            nn.init.zeros_(proj.bias)
+        self.rank_embedding = nn.Parameter(torch.randn(max_rank, hidden) * 0.02)
+        self.layer_embedding = nn.Embedding(num_layers, hidden)
+        self.type_embedding = nn.Embedding(num_types, hidden)
+        nn.init.normal_(self.layer_embedding.weight, std=0.02)
+        nn.init.normal_(self.type_embedding.weight, std=0.02)
+        self.block = EncoderBlock(hidden, heads, ff_mult)
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, tokens: Tensor, layer_ids: Tensor, type_ids: Tensor) -> Tensor:
+        n, r, d = tokens.shape
+        x = self.in_proj[str(d)](tokens) + self.rank_embedding[:r]
+        x = x + (self.layer_embedding(layer_ids) + self.type_embedding(type_ids)).unsqueeze(1)
+        return self.out_proj[str(d)](self.norm(self.block(x)))
+
+
+# ---------------------------------------------------------------------------------------------- adapter layers
+class HyperMixin:
+    """What a generated adapter layer shares: the factor names it generates, their token layout, and a link to
+    the :class:`AdapterHypernet` that generates them (a plain reference, not a submodule: the hypernet is
+    registered once, by its owner, so its weights appear once in state dicts and optimisers)."""
+
+    GENERATED: tuple[str, ...] = ()
+    _hypernet: "AdapterHypernet | None" = None
+
+    def to_tokens(self, name: str, factor: Tensor) -> Tensor:
+        """``(r, d)``: one token per rank component."""
+        raise NotImplementedError
+
+    def from_tokens(self, name: str, tokens: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def generated(self) -> dict[str, Tensor]:
+        """The generated factors (raw: no mask); the base factors when no hypernet is attached."""
+        if self._hypernet is None:
+            return {name: getattr(self, name) for name in self.GENERATED}
+        return self._hypernet.generated(self)
+
+
+class HyperSVDLinear(HyperMixin, SVDLinear):
+    """An SVD adapter whose P, Λ, Q come from an :class:`AdapterHypernet`; ``lora_P/lora_lambda/lora_Q`` are the
+    base factors P̄, Λ̄, Q̄ (parameters in ``residual`` mode, buffers otherwise). The rank mask multiplies the
+    generated Λ."""
+
+    GENERATED = ("lora_P", "lora_lambda", "lora_Q")
+
+    def to_tokens(self, name: str, factor: Tensor) -> Tensor:
+        return {"lora_P": lambda t: t.T, "lora_lambda": lambda t: t.unsqueeze(1), "lora_Q": lambda t: t}[name](factor)
+
+    def from_tokens(self, name: str, tokens: Tensor) -> Tensor:
+        return {"lora_P": lambda t: t.T, "lora_lambda": lambda t: t.squeeze(1), "lora_Q": lambda t: t}[name](tokens)
+
+    def factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        g = self.generated()
+        return g["lora_P"], g["lora_lambda"] * self.rank_mask, g["lora_Q"]
+
+
+class HyperLoRALinear(HyperMixin, LoRALinear):
+    """A LoRA adapter whose A and B come from an :class:`AdapterHypernet` (B̄ = 0 and zero output projections:
+    the layer equals its base layer at step 0, as LoRA)."""
+
+    GENERATED = ("lora_A", "lora_B")
+
+    def to_tokens(self, name: str, factor: Tensor) -> Tensor:
+        return factor if name == "lora_A" else factor.T
+
+    def from_tokens(self, name: str, tokens: Tensor) -> Tensor:
+        return tokens if name == "lora_A" else tokens.T
+
+    def delta_weight(self) -> Tensor:
+        g = self.generated()
+        return (g["lora_B"] @ g["lora_A"]) * self.scaling
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, float]:
+        g = self.generated()
+        return g["lora_A"], g["lora_B"], self.scaling
+
+    def adapter_output(self, x: Tensor) -> Tensor:
+        g = self.generated()
+        x = self.dropout(x).to(g["lora_A"].dtype)
+        return F.linear(F.linear(x, g["lora_A"]), g["lora_B"]) * self.scaling
+
+
+def matrix_keys(name: str) -> tuple[int, str]:
+    """(layer index, module type) of an adapted matrix from its module name: the first integer component and the
+    last component (``bert.encoder.layer.3.attention.self.query`` → ``(3, "query")``); no integer → layer 0."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
+    return (int(match.group(1)) if match else 0), name.rsplit(".", 1)[-1]
+
+
+# ---------------------------------------------------------------------------------------------- the hypernetwork
+class AdapterHypernet(nn.Module):
+    """Generators for every factor kind of a set of :class:`HyperMixin` layers, with the generation cache.
+
+    Build it after injection (``AdapterHypernet(adapter_layers(model), mode=...)``) and register it next to the
+    model (as the Lightning modules do) so it moves, trains and saves with it. In ``recurrent`` and ``seeded``
+    modes the layers' base factors are turned into buffers here, before any optimiser holds them.
+    """
+
+    def __init__(self, layers: dict[str, HyperMixin], mode: str = "residual", hidden: int = 64, heads: int = 4,
+                 ff_mult: int = 2) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"Unknown hypernet mode '{mode}'; choose one of {list(MODES)}.")
+        layers = {name: layer for name, layer in layers.items() if isinstance(layer, HyperMixin)}
+        if not layers:
+            raise ValueError("AdapterHypernet needs at least one HyperSVDLinear or HyperLoRALinear layer.")
+        kinds = {type(layer).GENERATED for layer in layers.values()}
+        if len(kinds) != 1:
+            raise ValueError(f"All generated layers must be of one kind, got factor sets {sorted(kinds)}.")
+        self.mode = mode
+        self.factor_names = kinds.pop()
+        self.layer_names = list(layers)
+        self._layers = list(layers.values())  # plain list: the layers belong to the backbone, not to us
+        self._index = {id(layer): i for i, layer in enumerate(self._layers)}
+        keys = [matrix_keys(name) for name in self.layer_names]
+        layer_vocab = sorted({k[0] for k in keys})
+        type_vocab = sorted({k[1] for k in keys})
+        self.register_buffer("layer_ids", torch.tensor([layer_vocab.index(k[0]) for k in keys]), persistent=False)
+        self.register_buffer("type_ids", torch.tensor([type_vocab.index(k[1]) for k in keys]), persistent=False)
+        self.generators = nn.ModuleDict()
+        for fname in self.factor_names:
+            shapes = [layer.to_tokens(fname, getattr(layer, fname)).shape for layer in self._layers]
+            self.generators[fname] = FactorGenerator(
+                {s[1] for s in shapes}, max(s[0] for s in shapes), len(layer_vocab), len(type_vocab),
+                hidden, heads, ff_mult,
+            )
+        if mode != "residual":
+            for layer in self._layers:
+                for fname in self.factor_names:
+                    value = getattr(layer, fname).detach().clone()
+                    delattr(layer, fname)
+                    layer.register_buffer(fname, value)
+        for layer in self._layers:
+            object.__setattr__(layer, "_hypernet", self)
+        self._train_cache: dict | None = None
+        self._eval_cache: dict | None = None
+        self._grad_key: tuple | None = None
+        self.generated_grads: list[dict[str, Tensor]] = [{} for _ in self._layers]
+
+    @property
+    def layers(self) -> list[HyperMixin]:
+        return list(self._layers)
+
+    def base_factors(self) -> list[dict[str, Tensor]]:
+        return [{f: getattr(layer, f) for f in self.factor_names} for layer in self._layers]
+
+    # ------------------------------------------------------------------ generation
+    def _state_key(self) -> tuple:
+        tensors = list(self.parameters()) + [t for d in self.base_factors() for t in d.values()]
+        return tuple((id(t), t._version) for t in tensors)
+
+    def _generate(self) -> list[dict[str, Tensor]]:
+        base = self.base_factors()
+        out: list[dict[str, Tensor]] = [{} for _ in self._layers]
+        for fname, generator in self.generators.items():
+            groups: dict[tuple, list[int]] = {}
+            tokens = [layer.to_tokens(fname, base[i][fname]) for i, layer in enumerate(self._layers)]
+            for i, t in enumerate(tokens):
+                groups.setdefault(tuple(t.shape), []).append(i)
+            for members in groups.values():
+                stacked = torch.stack([tokens[i] for i in members])
+                ids = torch.tensor(members, device=self.layer_ids.device)
+                delta = generator(stacked.to(generator.rank_embedding.dtype), self.layer_ids[ids], self.type_ids[ids])
+                result = stacked + delta.to(stacked.dtype)
+                for j, i in enumerate(members):
+                    out[i][fname] = self._layers[i].from_tokens(fname, result[j])
+        return out
+
+    def _accumulate(self, index: int, fname: str):
+        def hook(grad: Tensor) -> None:
+            if self._train_cache is not None:
+                self._train_cache["consumed"] = True
+            store = self.generated_grads[index]
+            store[fname] = grad.detach().clone() if fname not in store else store[fname] + grad.detach()
+        return hook
+
+    def generate(self) -> list[dict[str, Tensor]]:
+        """Generated factors of every layer (cached, see the module docstring)."""
+        key = self._state_key()
+        if not torch.is_grad_enabled():
+            if self._eval_cache is None or self._eval_cache["key"] != key:
+                self._eval_cache = {"key": key, "factors": [{k: v.detach() for k, v in d.items()} for d in self._generate()]}
+            return self._eval_cache["factors"]
+        cache = self._train_cache
+        if cache is None or cache["key"] != key or cache["consumed"]:
+            if self._grad_key != key:  # a new optimiser step: its gradients start from zero
+                self.zero_generated_grads()
+                self._grad_key = key
+            factors = self._generate()
+            for i, d in enumerate(factors):
+                for fname, t in d.items():
+                    if t.requires_grad:
+                        t.register_hook(self._accumulate(i, fname))
+            self._train_cache = {"key": key, "factors": factors, "consumed": False}
+        return self._train_cache["factors"]
+
+    def generated(self, layer: HyperMixin) -> dict[str, Tensor]:
+        return self.generate()[self._index[id(layer)]]
+
+    def zero_generated_grads(self) -> None:
+        self.generated_grads = [{} for _ in self._layers]
+
+    def invalidate(self) -> None:
+        """Drop the caches (e.g. after replacing tensors outside in-place updates)."""
+        self._train_cache = self._eval_cache = None
+
+    # ------------------------------------------------------------------ training-loop hooks
+    @torch.no_grad()
+    def recurrent_update(self) -> None:
+        """``recurrent`` mode, after an optimiser step: base factors ← the factors this step generated (detached).
+        A no-op in other modes or before any training forward."""
+        if self.mode != "recurrent" or self._train_cache is None:
+            return
+        for layer, factors in zip(self._layers, self._train_cache["factors"]):
+            for fname, value in factors.items():
+                getattr(layer, fname).copy_(value.detach())
+        self._train_cache = None
+
+    @torch.no_grad()
+    def materialize(self, model: nn.Module) -> nn.Module:
+        """Replace every generated layer of ``model`` by a plain :class:`SVDLinear` / :class:`LoRALinear` holding
+        the current generated factors (and rank mask): export and merge then work as for AdaLoRA / LoRA."""
+        for name, layer in adapter_layers(model).items():
+            if not isinstance(layer, HyperMixin) or layer._hypernet is not self:
+                continue
+            factors = self.generated(layer)
+            plain = materialized_layer(layer, factors)
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child_name, plain)
+        return model
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, matrices={len(self._layers)}, factors={list(self.factor_names)}"
+
+
+def materialized_layer(layer: HyperMixin, factors: dict[str, Tensor]) -> AdapterLayer:
+    """A plain adapter equal to ``layer`` with its factors frozen to ``factors`` (same base layer object)."""
+    if isinstance(layer, HyperSVDLinear):
+        plain = SVDLinear(layer.base_layer, layer.max_rank, layer.alpha)
+        plain.rank_mask.copy_(layer.rank_mask)
+    elif isinstance(layer, HyperLoRALinear):
+        plain = LoRALinear(layer.base_layer, layer.rank, layer.alpha)
+    else:
+        raise TypeError(f"Cannot materialise {type(layer).__name__}.")
+    plain.dropout = layer.dropout
+    for fname, value in factors.items():
+        getattr(plain, fname).data.copy_(value.detach())
+    plain.merged, plain.disabled = layer.merged, layer.disabled
+    return plain
