@@ -96,8 +96,63 @@ def peft_lora_state(module: AdapterModule) -> tuple[dict, dict[str, torch.Tensor
     return config, tensors
 
 
+def peft_adalora_state(module: AdapterModule) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter_config, tensors)`` in PEFT's AdaLoRA format: kept triplets only (``lora_A`` = Q, ``lora_B`` = P,
+    ``lora_E`` = Λ as ``(k, 1)``) and a boolean ``rank_pattern`` that PEFT uses to resize its modules on load.
+
+    PEFT scales by ``lora_alpha / (ranknum + 1e-5)`` with ``ranknum = init_r``; ``lora_alpha`` is written so that this
+    equals our ``alpha / init_r`` exactly.
+    """
+    from lora_lightning.adapters.svd import SVDLinear
+
+    layers = {name: layer for name, layer in adapter_layers(module.backbone).items()}
+    if not layers or not all(isinstance(layer, SVDLinear) for layer in layers.values()):
+        raise ValueError("The AdaLoRA export needs SVD adapters (AdaLoRAModule); use format='lora' for this module.")
+    init_ranks = {layer.max_rank for layer in layers.values()}
+    alphas = {layer.alpha for layer in layers.values()}
+    if len(init_ranks) != 1 or len(alphas) != 1:
+        raise ValueError("PEFT's AdaLoRA format needs one init_r and one alpha for every module; use format='lora'.")
+    init_r, alpha = init_ranks.pop(), alphas.pop()
+    tensors, rank_pattern = {}, {}
+    for name, layer in layers.items():
+        p, singular_values, q = layer.factors()
+        kept = layer.rank_mask.nonzero().squeeze(1)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A"] = q[kept]
+        tensors[f"{PEFT_PREFIX}{name}.lora_B"] = p[:, kept]
+        tensors[f"{PEFT_PREFIX}{name}.lora_E"] = singular_values[kept].unsqueeze(1)
+        rank_pattern[f"{name}.lora_E"] = [bool(v) for v in layer.rank_mask.tolist()]
+    tensors.update(_saved_module_tensors(module))
+    hparams = module.hparams
+    config = {
+        "peft_type": "ADALORA",
+        "task_type": _task_type(module),
+        "base_model_name_or_path": hparams.backbone,
+        "target_modules": sorted(layers),
+        "init_r": init_r,
+        "target_r": getattr(module, "target_r", init_r),
+        "lora_alpha": alpha * (init_r + 1e-5) / init_r,
+        "lora_dropout": 0.0,
+        "rank_pattern": rank_pattern,
+        "tinit": 0,
+        "tfinal": 0,
+        "deltaT": 1,
+        "beta1": 0.85,
+        "beta2": 0.85,
+        "orth_reg_weight": getattr(module, "orth_reg_weight", 0.5),
+        "total_step": max(1, int(getattr(module.trainer, "global_step", 0) or 1)) if module._trainer else 1,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "modules_to_save": module.modules_to_save or None,
+        "inference_mode": True,
+    }
+    return config, tensors
+
+
 # format name -> function returning (adapter_config, tensors); methods register their own formats.
-PEFT_FORMATS: dict[str, Callable[[AdapterModule], tuple[dict, dict[str, torch.Tensor]]]] = {"lora": peft_lora_state}
+PEFT_FORMATS: dict[str, Callable[[AdapterModule], tuple[dict, dict[str, torch.Tensor]]]] = {
+    "lora": peft_lora_state,
+    "adalora": peft_adalora_state,
+}
 
 
 def export_peft(module: AdapterModule, folder: str | os.PathLike, format: str = "lora", overwrite: bool = False) -> Path:
