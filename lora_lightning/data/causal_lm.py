@@ -19,6 +19,7 @@ from lora_lightning.backbone import load_tokenizer
 from lora_lightning.data.collate import IGNORE_INDEX, CausalLMCollator, EncodedDataset
 from lora_lightning.data.files import check_file, read_table, read_text, require_columns
 from lora_lightning.data.splits import split_indices, subsample
+from lora_lightning.data.sampling import EpochSeededSampler
 
 SOURCES = ("hamlet", "files")
 FORMATS = {"text": (".txt",), "instruction": (".jsonl", ".json")}
@@ -79,7 +80,8 @@ class CausalLMDataModule(L.LightningDataModule):
             self.files = {"train": packaged_file("hamlet"), "validation": None}
         else:
             if train_file is None:
-                raise ValueError(f"source='files' needs train_file ({' or '.join(FORMATS[format])} for format='{format}').")
+                suffixes = " or ".join(FORMATS[format])
+                raise ValueError(f"source='files' needs train_file ({suffixes} for format='{format}').")
             self.files = {
                 "train": check_file(train_file, "train", FORMATS[format]),
                 "validation": check_file(validation_file, "validation", FORMATS[format]),
@@ -182,8 +184,7 @@ class CausalLMDataModule(L.LightningDataModule):
         return DataLoader(
             self.datasets[split],
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            shuffle=train,
-            generator=torch.Generator().manual_seed(hp.seed) if train else None,
+            sampler=EpochSeededSampler(len(self.datasets[split]), hp.seed) if train else None,
             collate_fn=CausalLMCollator(self.tokenizer.pad_token_id),
             num_workers=hp.num_workers,
         )

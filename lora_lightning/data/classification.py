@@ -22,6 +22,7 @@ from lora_lightning.data.glue import GlueTask, get_glue_task
 from lora_lightning.data.labels import Label, LabelSpace, infer_label_space, parse_label
 from lora_lightning.data.sources import ROTTEN_TOMATOES_LABELS, load_glue, load_rotten_tomatoes, require_datasets
 from lora_lightning.data.splits import split_indices, subsample
+from lora_lightning.data.sampling import EpochSeededSampler
 
 SOURCES = ("rotten_tomatoes", "files", "glue/<task>")
 
@@ -88,7 +89,9 @@ class TextClassificationDataModule(L.LightningDataModule):
                 raise ValueError("source='files' needs train_file (a csv, tsv or jsonl file).")
             self.files = {split: check_file(path, split) for split, path in files.items()}
         elif any(files.values()):
-            raise ValueError(f"train_file/validation_file/test_file are read only with source='files', not '{source}'.")
+            raise ValueError(
+                f"train_file/validation_file/test_file are read only with source='files', not '{source}'."
+            )
         else:
             self.files = {}
         self.text_fields = list(text_fields or (self.glue_task.text_fields if self.glue_task else ["text"]))
@@ -180,7 +183,8 @@ class TextClassificationDataModule(L.LightningDataModule):
         num_labels = hp.num_labels or (self.glue_task.num_labels if self.glue_task else None)
         names = self._fixed_names() or self._restored_names
         self._space = infer_label_space(self._all_labels, num_labels, names)
-        for split, limit in (("train", hp.max_train_samples), ("validation", hp.max_eval_samples), ("test", hp.max_eval_samples)):
+        limits = {"train": hp.max_train_samples, "validation": hp.max_eval_samples, "test": hp.max_eval_samples}
+        for split, limit in limits.items():
             if split in splits and limit is not None:
                 kept = subsample(range(len(splits[split].texts)), limit, hp.seed)
                 splits[split] = splits[split].select(kept)
@@ -231,11 +235,14 @@ class TextClassificationDataModule(L.LightningDataModule):
         return DataLoader(
             self.datasets[split],
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            shuffle=train,
-            generator=torch.Generator().manual_seed(hp.seed) if train else None,
+            sampler=EpochSeededSampler(len(self.datasets[split]), hp.seed) if train else None,
             collate_fn=ClassificationCollator(self.tokenizer, regression=self.is_regression),
             num_workers=hp.num_workers,
         )
+
+    def _held_out_split(self) -> str:
+        """The test file's split when one was given, else validation."""
+        return "test" if self.files.get("test") is not None else "validation"
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
@@ -244,10 +251,10 @@ class TextClassificationDataModule(L.LightningDataModule):
         return self._loader("validation")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.files and self.files["test"] else "validation")
+        return self._loader(self._held_out_split())
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.files and self.files["test"] else "validation")
+        return self._loader(self._held_out_split())
 
     # ------------------------------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:

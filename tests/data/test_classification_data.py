@@ -82,11 +82,13 @@ def test_train_order_is_seeded_and_subsample_deterministic():
     assert batches == again
     other_seed, _ = first_batches(1)
     assert other_seed != batches
-    # the loader keeps its seeded generator: the next epoch draws a new order over the same examples
+    # the order of an epoch depends on (seed, epoch) only, so a resumed fit replays it exactly
     loader = data.train_dataloader()
     epoch_one = [batch["input_ids"].tolist() for batch in loader]
+    loader.sampler.set_epoch(1)
     epoch_two = [batch["input_ids"].tolist() for batch in loader]
     assert epoch_one == batches and epoch_two != epoch_one
+    assert [batch["input_ids"].tolist() for batch in data.train_dataloader()] == batches
     def unpadded(epoch):  # the MiniLM pad id is 0
         return sorted(str([token for token in row if token != 0]) for batch in epoch for row in batch)
 

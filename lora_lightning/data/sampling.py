@@ -1,0 +1,31 @@
+"""Shuffling that a resumed run reproduces: the order of epoch e depends only on (seed, e)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A random permutation per epoch drawn from ``seed + epoch``.
+
+    Lightning calls ``set_epoch`` before every epoch (also after a resume), so an interrupted and resumed fit
+    sees the same batches as an uninterrupted one; a generator carried across epochs would restart instead.
+    Under DDP, Lightning wraps this in a distributed sampler that shards its order.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
