@@ -26,7 +26,7 @@ def tiny_bert(tmp_path_factory) -> str:
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=128, num_labels=2,
+        max_position_embeddings=128, num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
     )
     return _save_tiny(BertForSequenceClassification(config), "minilm", tmp_path_factory.mktemp("tiny-bert"))
 

@@ -76,7 +76,8 @@ class AdapterModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.task: Task = build_task(task, num_labels)
-        self.backbone = load_backbone(backbone, task, num_labels, trust_remote_code=trust_remote_code)
+        # from_pretrained returns eval mode; Lightning keeps each submodule's mode, so dropout must be enabled here.
+        self.backbone = load_backbone(backbone, task, num_labels, trust_remote_code=trust_remote_code).train()
         self.modules_to_save = (
             list(modules_to_save) if modules_to_save is not None
             else find_classifier_head(self.backbone) if task == "sequence-classification" else []
