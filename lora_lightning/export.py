@@ -15,6 +15,7 @@ from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
+from transformers.pytorch_utils import Conv1D
 
 from lora_lightning.adapters.base import adapter_layers, unload_adapters
 from lora_lightning.modules.base import AdapterModule
@@ -89,7 +90,8 @@ def peft_lora_state(module: AdapterModule) -> tuple[dict, dict[str, torch.Tensor
         "alpha_pattern": alpha_pattern,
         "lora_dropout": 0.0,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # transformers' Conv1D (GPT-2) stores W transposed; PEFT must know to read lora_B·lora_A that way.
+        "fan_in_fan_out": any(isinstance(layer.base_layer, Conv1D) for layer in adapter_layers(module.backbone).values()),
         "modules_to_save": module.modules_to_save or None,
         "inference_mode": True,
     }
@@ -141,7 +143,8 @@ def peft_adalora_state(module: AdapterModule) -> tuple[dict, dict[str, torch.Ten
         "orth_reg_weight": getattr(module, "orth_reg_weight", 0.5),
         "total_step": max(1, int(getattr(module.trainer, "global_step", 0) or 1)) if module._trainer else 1,
         "bias": "none",
-        "fan_in_fan_out": False,
+        # transformers' Conv1D (GPT-2) stores W transposed; PEFT must know to read lora_B·lora_A that way.
+        "fan_in_fan_out": any(isinstance(layer.base_layer, Conv1D) for layer in adapter_layers(module.backbone).values()),
         "modules_to_save": module.modules_to_save or None,
         "inference_mode": True,
     }

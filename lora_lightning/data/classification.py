@@ -67,7 +67,9 @@ class TextClassificationDataModule(L.LightningDataModule):
         seed: int = 42,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # num_labels stays out of hparams: the model owns that hparam, and Lightning refuses differing duplicates.
+        self.save_hyperparameters(ignore=["num_labels"])
+        self.requested_num_labels = num_labels
         if text_fields is not None and not 1 <= len(text_fields) <= 2:
             raise ValueError(
                 f"text_fields must name one column (single sentence) or two (sentence pair), got {text_fields}."
@@ -113,7 +115,7 @@ class TextClassificationDataModule(L.LightningDataModule):
     def num_labels(self) -> int:
         """Number of classes, 1 for regression; inferred from the data when not given."""
         if self.glue_task is not None and self._space is None:
-            return self.hparams.num_labels or self.glue_task.num_labels
+            return self.requested_num_labels or self.glue_task.num_labels
         return self._label_space().num_labels
 
     @property
@@ -179,7 +181,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             splits["validation"] = splits["train"].select(validation_ids)
             splits["train"] = splits["train"].select(train_ids)
         self._all_labels = [label for split in splits.values() for label in (split.labels or [])]
-        num_labels = hp.num_labels or (self.glue_task.num_labels if self.glue_task else None)
+        num_labels = self.requested_num_labels or (self.glue_task.num_labels if self.glue_task else None)
         names = self._fixed_names() or self._restored_names
         self._space = infer_label_space(self._all_labels, num_labels, names)
         limits = {"train": hp.max_train_samples, "validation": hp.max_eval_samples, "test": hp.max_eval_samples}
@@ -273,7 +275,7 @@ class TextClassificationDataModule(L.LightningDataModule):
             return
         self._restored_names = list(names) if names is not None else None
         if self._space is not None:
-            num_labels = self.hparams.num_labels or state_dict.get("num_labels")
+            num_labels = self.requested_num_labels or state_dict.get("num_labels")
             self._space = infer_label_space(self._all_labels, num_labels, self._restored_names)
             for split, dataset in self.datasets.items():
                 raw_labels = self._splits[split].labels
