@@ -7,7 +7,6 @@ never silently train with fixed ranks.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from torch import Tensor, nn
@@ -56,9 +55,6 @@ class AdaLoRAModule(AdapterModule):
         validate_ranks(init_r, target_r)
         if orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {orth_reg_weight}.")
-        if init_r == target_r:
-            warnings.warn(f"init_r == target_r == {init_r}: AdaLoRA will not prune (fixed-rank SVD adapters).",
-                          stacklevel=2)
         # Checked here, before any work: the scheduler repeats these checks when it is built.
         RankPruningScheduler(tinit=tinit, tfinal=tfinal, delta_t=delta_t, beta1=beta1, beta2=beta2)
         if total_step is not None:

@@ -1,0 +1,301 @@
+"""RankPruningScheduler inside a Trainer: optimiser steps (not micro-batches), skipped non-finite steps, bf16,
+exact resume, DDP-identical state, its state_dict, and the rank report helpers."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from conftest import random_batch
+from lora_lightning.allocation.importance import RankUnit
+from lora_lightning.callbacks import RankPruningScheduler
+from lora_lightning.callbacks.rank_report import (
+    heatmap_image,
+    log_rank_heatmap,
+    rank_grid,
+    rank_summary,
+    split_module_name,
+    write_rank_pattern,
+)
+from lora_lightning.modules import AdaLoRAModule
+
+TARGETS = ["query", "value", "dense"]
+
+
+def loader(n: int, seed: int = 0):
+    return torch.utils.data.DataLoader([random_batch(seed=seed + i) for i in range(n)], batch_size=None)
+
+
+def trainer(**kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, enable_progress_bar=False, logger=False, enable_model_summary=False,
+                    enable_checkpointing=False)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def adalora(tiny_bert, **kwargs) -> AdaLoRAModule:
+    torch.manual_seed(0)
+    args = dict(backbone=tiny_bert, init_r=4, target_r=2, tinit=2, tfinal=3, delta_t=2, target_modules=TARGETS,
+                learning_rate=1e-2)
+    module = AdaLoRAModule(**{**args, **kwargs})
+    for m in module.modules():  # no dropout: runs compared step by step must be deterministic
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return module
+
+
+def scheduler_of(t: L.Trainer) -> RankPruningScheduler:
+    return next(cb for cb in t.callbacks if isinstance(cb, RankPruningScheduler))
+
+
+def total_kept(module) -> int:
+    return sum(module.rank_pattern().values())
+
+
+# ----------------------------------------------------------------- steps are optimiser steps
+def test_gradient_accumulation_counts_optimizer_steps(tiny_bert, monkeypatch):
+    module = adalora(tiny_bert)
+    updates = []
+    original = RankPruningScheduler.allocate
+
+    def counting(self, pl_module, step, trainer=None):
+        updates.append(step)
+        return original(self, pl_module, step, trainer)
+
+    monkeypatch.setattr(RankPruningScheduler, "allocate", counting)
+    t = trainer(max_epochs=1, accumulate_grad_batches=3)
+    t.fit(module, loader(24))
+    sched = scheduler_of(t)
+    assert t.global_step == 8 and sched.schedule.total_step == 8  # estimated_stepping_batches, not 24 batches
+    assert updates == list(range(1, 9))
+    assert sched.finalised and total_kept(module) == 2 * len(module.adapters)
+
+
+class SkipNonFinite(AdaLoRAModule):
+    """Injects an inf gradient at one step and skips that optimiser step, as fp16 loss scaling does."""
+
+    bad_step = 4
+
+    def on_after_backward(self) -> None:
+        if self.trainer.global_step + 1 == self.bad_step:
+            next(iter(self.rank_units().values())).lam.grad[0] = float("inf")
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer_closure()
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if all(torch.isfinite(g).all() for g in grads):
+            optimizer.step()
+
+
+def test_a_step_with_non_finite_gradients_is_skipped_and_pruning_proceeds(tiny_bert):
+    torch.manual_seed(0)
+    module = SkipNonFinite(backbone=tiny_bert, init_r=4, target_r=2, tinit=1, tfinal=3, delta_t=1,
+                           target_modules=TARGETS, learning_rate=1e-2)
+    t = trainer(max_steps=12)
+    t.fit(module, loader(12))
+    sched = scheduler_of(t)
+    assert sched.skipped_steps == 1
+    ema = {**sched.importance.exp_avg_ipt, **sched.importance.exp_avg_unc}
+    assert all(torch.isfinite(v).all() and v.dtype == torch.float32 for v in ema.values())
+    assert sched.finalised and total_kept(module) == 2 * len(module.adapters)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_bf16_mixed_trains_and_logs_heatmaps(tiny_bert, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    module = adalora(tiny_bert)
+    t = trainer(max_steps=10, precision="bf16-mixed", logger=TensorBoardLogger(tmp_path), log_every_n_steps=1)
+    t.fit(module, loader(10))
+    sched = scheduler_of(t)
+    assert sched.finalised and total_kept(module) == 2 * len(module.adapters)
+    assert all(v.dtype == torch.float32 for v in sched.importance.exp_avg_ipt.values())
+    assert torch.isfinite(t.callback_metrics["train/loss"])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(t.logger.log_dir))).Reload()
+    assert "rank/heatmap" in events.Tags()["images"]
+    assert "train/budget" in events.Tags()["scalars"]
+    assert any(tag.startswith("rank/bert.encoder.layer.0") for tag in events.Tags()["scalars"])
+
+
+# ----------------------------------------------------------------- resume
+def adapter_tensors(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if k in set(module.adapter_state_keys())}
+
+
+def test_resume_mid_budget_phase_matches_uninterrupted_run(tiny_bert, tmp_path):
+    torch.use_deterministic_algorithms(True)
+    try:
+        # T = 16 steps, 2 epochs of 8 batches; budget phase is steps 3..12, the checkpoint falls at step 8
+        full = adalora(tiny_bert, tinit=2, tfinal=4)
+        ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{step}",
+                               save_on_train_epoch_end=True)
+        t1 = trainer(max_epochs=2, callbacks=[ckpt], enable_checkpointing=True)
+        t1.fit(full, loader(8))
+        mid = tmp_path / "ckpt" / "step=8.ckpt"
+        state = torch.load(mid, weights_only=False)
+        sched_state = next(v for k, v in state["callbacks"].items() if "RankPruningScheduler" in k)
+        assert sched_state["step"] == 8 and not sched_state["finalised"]
+        kept_mid = sum(int(m.sum()) for m in sched_state["masks"].values())
+        assert 2 * len(full.adapters) < kept_mid < 4 * len(full.adapters)  # really mid-budget
+
+        resumed = adalora(tiny_bert, tinit=2, tfinal=4)
+        t2 = trainer(max_epochs=2)
+        t2.fit(resumed, loader(8), ckpt_path=mid)
+        assert t2.global_step == 16
+        assert resumed.rank_pattern() == full.rank_pattern()
+        a, b = adapter_tensors(full), adapter_tensors(resumed)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=key)
+        s1, s2 = scheduler_of(t1).importance, scheduler_of(t2).importance
+        assert all(torch.equal(s1.exp_avg_unc[k], s2.exp_avg_unc[k]) for k in s1.exp_avg_unc)
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+# ----------------------------------------------------------------- DDP
+class RecordEvents(Callback):
+    """Writes, per rank, the masks and importance EMAs at every masking event."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder, self.events = folder, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sched = scheduler_of(trainer)
+        step = trainer.global_step
+        if sched.schedule.masks_at(step) or step == sched.schedule.final_step:
+            self.events[step] = {
+                "masks": {n: u.mask.clone() for n, u in pl_module.rank_units().items()},
+                "ipt": {k: v.clone() for k, v in sched.importance.exp_avg_ipt.items()},
+                "unc": {k: v.clone() for k, v in sched.importance.exp_avg_unc.items()},
+            }
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.save(self.events, Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_two_processes_have_identical_masks_and_importance(tiny_bert, tmp_path):
+    module = adalora(tiny_bert, tinit=1, tfinal=2, delta_t=1)
+    recorder = RecordEvents(str(tmp_path))
+    t = trainer(max_steps=8, strategy="ddp_spawn", devices=2, callbacks=[RankPruningScheduler(tinit=1, tfinal=2),
+                                                                          recorder])
+    t.fit(module, loader(16))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert sorted(r0) == sorted(r1) == list(range(2, 7))
+    for step in r0:
+        for kind in ("masks", "ipt", "unc"):
+            assert r0[step][kind].keys() == r1[step][kind].keys()
+            for key in r0[step][kind]:
+                assert torch.equal(r0[step][kind][key], r1[step][kind][key]), (step, kind, key)
+    final = r0[6]["masks"]
+    assert sum(int(m.sum()) for m in final.values()) == 2 * len(final)
+
+
+# ----------------------------------------------------------------- the scheduler without a Trainer
+def units_fixture(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    units = {}
+    for i in range(3):
+        p = torch.randn(5, 4, generator=g, requires_grad=True)
+        lam = torch.randn(4, generator=g, requires_grad=True)
+        q = torch.randn(4, 6, generator=g, requires_grad=True)
+        units[f"layer.{i}.proj"] = RankUnit(p, lam, q, torch.ones(4))
+    return units
+
+
+def fake_step(units, seed):
+    g = torch.Generator().manual_seed(seed)
+    for u in units.values():
+        for t in u.factors():
+            t.grad = torch.randn(t.shape, generator=g)
+
+
+def test_state_dict_round_trip_continues_exactly():
+    units_a, units_b = units_fixture(), units_fixture()
+    a = RankPruningScheduler(tinit=1, tfinal=2, delta_t=1)
+    a.target_r = 1
+    a.schedule = a.build_schedule(units_a, 10, 1)
+    a._module = lambda: SimpleNamespace(rank_units=lambda: units_a)
+    stub_a = SimpleNamespace(rank_units=lambda: units_a)
+    for t in range(1, 5):
+        fake_step(units_a, t)
+        a.allocate(stub_a, t)
+    state = a.state_dict()
+    assert set(state["masks"]) == set(units_a) and state["step"] == 0  # step is set by the Trainer hook
+    b = RankPruningScheduler(tinit=1, tfinal=2, delta_t=1)
+    b.load_state_dict(state)
+    b.target_r, b.schedule = 1, b.build_schedule(units_b, 10, 1)
+    for name, unit in units_b.items():
+        unit.mask.copy_(state["masks"][name])
+    stub_b = SimpleNamespace(rank_units=lambda: units_b)
+    for t in range(5, 11):
+        fake_step(units_a, t), fake_step(units_b, t)
+        a.allocate(stub_a, t), b.allocate(stub_b, t)
+    assert a.finalised and b.finalised
+    assert all(torch.equal(units_a[n].mask, units_b[n].mask) for n in units_a)
+    assert sum(int(u.mask.sum()) for u in units_a.values()) == 3
+
+
+def test_module_without_rank_units_is_a_clear_error():
+    with pytest.raises(TypeError, match="rank_units"):
+        RankPruningScheduler.units(nn.Linear(2, 2))
+
+
+def test_scheduler_argument_errors():
+    with pytest.raises(ValueError, match="delta_t"):
+        RankPruningScheduler(delta_t=0)
+    with pytest.raises(ValueError, match="beta1"):
+        RankPruningScheduler(beta1=1.0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        RankPruningScheduler(tfinal=2.0)
+
+
+# ----------------------------------------------------------------- rank report helpers
+RANKS = {
+    "bert.encoder.layer.0.attention.self.query": 3,
+    "bert.encoder.layer.0.output.dense": 0,
+    "bert.encoder.layer.1.attention.self.query": 5,
+    "bert.encoder.layer.10.output.dense": 2,
+    "bert.pooler.dense": 1,
+}
+
+
+def test_rank_grid_layers_by_types():
+    assert split_module_name("model.layers.7.self_attn.q_proj") == ("7", "self_attn.q_proj")
+    assert split_module_name("bert.pooler.dense") == ("-", "bert.pooler.dense")
+    layers, types, grid = rank_grid(RANKS)
+    assert layers == ["0", "1", "10", "-"]
+    assert types == ["attention.self.query", "output.dense", "bert.pooler.dense"]
+    assert grid[0].tolist()[:2] == [3.0, 0.0] and grid[2, 1] == 2.0 and grid[3, 2] == 1.0
+    assert torch.isnan(grid[1, 1]) and torch.isnan(grid[2, 0])
+
+
+def test_heatmap_image_and_summary():
+    image = heatmap_image(RANKS, max_rank=5, cell=4)
+    assert image.shape == (3, 16, 12) and image.min() >= 0 and image.max() <= 1
+    assert torch.allclose(image[:, 1, 5], torch.tensor([0.27, 0.0, 0.33]))  # rank 0 → dark end
+    assert torch.allclose(image[:, 5, 1], torch.tensor([0.99, 0.91, 0.14]))  # rank 5 = max → bright end
+    assert torch.allclose(image[:, 5, 5], torch.full((3,), 0.5))  # no module there
+    text = rank_summary(RANKS, title="Kept")
+    assert text.splitlines()[0] == "Kept: 5 modules, total 11, mean 2.20, min 0, max 5, pruned to 0: 1"
+    assert "| 10 |  | 2 |  |" in text
+
+
+def test_log_heatmap_and_write_pattern(tmp_path):
+    calls = []
+    logger = SimpleNamespace(experiment=SimpleNamespace(
+        add_image=lambda tag, img, global_step, dataformats: calls.append((tag, tuple(img.shape), global_step)),
+        add_text=lambda tag, text, global_step: calls.append((tag, text[:7], global_step)),
+    ))
+    assert log_rank_heatmap(logger, RANKS, step=7)
+    assert calls[0] == ("rank/heatmap", (3, 48, 36), 7) and calls[1][0] == "rank/heatmap_table"
+    assert not log_rank_heatmap(SimpleNamespace(experiment=object()), RANKS, step=7)
+    path = write_rank_pattern(tmp_path / "sub" / "rank_pattern.json", RANKS, extra={"step": 3})
+    assert json.loads(path.read_text()) == {"rank_pattern": RANKS, "step": 3}
