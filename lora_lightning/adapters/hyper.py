@@ -318,6 +318,12 @@ class AdapterHypernet(nn.Module):
             setattr(model.get_submodule(parent_name) if parent_name else model, child_name, plain)
         return model
 
+    def __getstate__(self) -> dict:
+        # Caches hold graph tensors, which neither pickle (ddp_spawn) nor deepcopy (merged export) accept.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        return {**state, "_train_cache": None, "_eval_cache": None, "_grad_key": None,
+                "generated_grads": [{} for _ in self._layers]}
+
     def extra_repr(self) -> str:
         return f"mode={self.mode}, matrices={len(self._layers)}, factors={list(self.factor_names)}"
 

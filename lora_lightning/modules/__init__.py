@@ -1,6 +1,7 @@
 """LightningModules, one per method, sharing :class:`AdapterModule`."""
 from lora_lightning.modules.adalora import AdaLoRAModule
 from lora_lightning.modules.base import AdapterModule, CheckpointMismatchError
+from lora_lightning.modules.hyperadalora import HyperAdaLoRAModule, HyperLoRAModule  # noqa: F401
 from lora_lightning.modules.lora import LoRAModule
 from lora_lightning.modules.sensitivity_lora import SensitivityLoRAModule
 

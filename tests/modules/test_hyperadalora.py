@@ -1,0 +1,215 @@
+"""HyperAdaLoRAModule / HyperLoRAModule: step-0 equality with AdaLoRA / LoRA on the same base factors, pruning of
+the generated Λ through AdaLoRA's own scheduler, importance on generated tensors, resume, DDP, PEFT exports."""
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from transformers import AutoModelForSequenceClassification
+
+from conftest import random_batch
+from lora_lightning.adapters.hyper import HyperSVDLinear
+from lora_lightning.adapters.lora import LoRALinear
+from lora_lightning.adapters.svd import SVDLinear
+from lora_lightning.callbacks import RankPruningScheduler
+from lora_lightning.callbacks.hypernet_warmup import HypernetWarmup
+from lora_lightning.export import export_peft
+from lora_lightning.modules import AdaLoRAModule, LoRAModule
+from lora_lightning.modules.hyperadalora import HyperAdaLoRAModule, HyperLoRAModule
+
+TARGETS = ["query", "key", "value", "dense"]
+MODES = ["residual", "recurrent", "seeded"]
+SCHEDULE = dict(init_r=4, target_r=2, alpha=8.0, tinit=2, tfinal=2, delta_t=1, target_modules=TARGETS)
+
+
+def loader(n: int, seed: int = 0):
+    return torch.utils.data.DataLoader([random_batch(seed=seed + i) for i in range(n)], batch_size=None)
+
+
+def trainer(tmp_path=None, **kwargs) -> L.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, enable_progress_bar=False, logger=False, enable_model_summary=False,
+                    enable_checkpointing=False, default_root_dir=tmp_path, deterministic=True)
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def hyper(tiny_bert, mode="residual", seed=0, **kwargs) -> HyperAdaLoRAModule:
+    torch.manual_seed(seed)
+    return HyperAdaLoRAModule(backbone=tiny_bert, mode=mode, hypernet_hidden=16, hypernet_heads=2,
+                              **{**SCHEDULE, **kwargs})
+
+
+def adapter_state(module) -> dict[str, torch.Tensor]:
+    state = module.state_dict()
+    return {key: state[key].detach().clone() for key in module.adapter_state_keys()}
+
+
+def batch_inputs(seed=0):
+    return {k: v for k, v in random_batch(seed=seed).items() if k != "labels"}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_init_equals_adalora_with_the_same_base_factors(tiny_bert, mode):
+    torch.manual_seed(0)
+    ada = AdaLoRAModule(backbone=tiny_bert, **SCHEDULE).eval()
+    with torch.no_grad():  # non-zero Λ and a partial mask, or the equality would be trivial
+        for i, layer in enumerate(ada.adapters.values()):
+            layer.lora_lambda.normal_()
+            layer.rank_mask.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]).roll(i))
+    module = hyper(tiny_bert, mode).eval()
+    with torch.no_grad():
+        for name, layer in module.adapters.items():
+            for key in ("lora_P", "lora_lambda", "lora_Q", "rank_mask"):
+                getattr(layer, key).copy_(getattr(ada.adapters[name], key))
+        module.backbone.classifier.load_state_dict(ada.backbone.classifier.state_dict())
+        expected = ada(batch_inputs()).logits
+        assert not torch.allclose(expected, AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()(
+            **batch_inputs()).logits)
+        torch.testing.assert_close(module(batch_inputs()).logits, expected, rtol=1e-6, atol=1e-6)
+    assert all(isinstance(layer, HyperSVDLinear) for layer in module.adapters.values())
+    trainable_base = [n for n, p in module.backbone.named_parameters() if p.requires_grad and "lora_" in n]
+    assert bool(trainable_base) == (mode == "residual")
+
+
+def test_fit_prunes_generated_lambda_with_adalora_scheduler(tiny_bert):
+    module = hyper(tiny_bert, "residual", hypernet_warmup=3)
+    fit = trainer(max_steps=8)
+    fit.fit(module, loader(8))
+    kinds = [type(cb) for cb in fit.callbacks]
+    assert RankPruningScheduler in kinds and HypernetWarmup in kinds
+    pattern = module.rank_pattern()
+    assert sum(pattern.values()) == 2 * len(pattern)  # exactly the target budget
+    assert [g["name"] for g in fit.optimizers[0].param_groups] == ["adapters", "hypernet"]
+    # the mask multiplies the generated Λ
+    layer = next(iter(module.adapters.values()))
+    _, masked, _ = layer.factors()
+    raw = layer.generated()["lora_lambda"]
+    torch.testing.assert_close(masked, raw * layer.rank_mask)
+    assert (raw[layer.rank_mask == 0] != 0).any() or layer.rank_mask.all()
+    # the generators trained
+    assert all(p.abs().sum() > 0 for g in module.hypernet.generators.values() for p in
+               [proj.weight for proj in g.out_proj.values()])
+
+
+def test_rank_units_are_generated_tensors_with_step_gradients_and_orth_reg_trains_generators(tiny_bert):
+    module = hyper(tiny_bert, "seeded")
+    with torch.no_grad():
+        for g in module.hypernet.generators.values():
+            for proj in g.out_proj.values():
+                proj.weight.normal_(std=0.01)
+    batch = random_batch()
+    loss = module.task.loss(module(batch), batch)
+    losses = module.extra_losses()
+    (loss + losses["orth_reg"]).backward()
+    units = module.rank_units()
+    generated = module.hypernet.generate()
+    for (name, unit), values, grads in zip(units.items(), generated, module.hypernet.generated_grads):
+        assert unit.mask is module.adapters[name].rank_mask
+        torch.testing.assert_close(unit.P, values["lora_P"])
+        torch.testing.assert_close(unit.lam, values["lora_lambda"])
+        assert unit.P.grad is grads["lora_P"] and unit.Q.grad is grads["lora_Q"] and unit.lam.grad is not None
+        assert unit.lam.grad.abs().sum() > 0
+    # seeded: base factors are buffers, so every gradient (task and orth reg) reaches only the generators
+    assert not [n for n, p in module.backbone.named_parameters() if p.requires_grad and "lora_" in n]
+    orth_only = module.extra_losses()["orth_reg"]
+    grads = torch.autograd.grad(orth_only, list(module.hypernet.generators["lora_P"].parameters()), allow_unused=True)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("mode", ["recurrent", "residual"])
+def test_resume_equals_uninterrupted_run(tiny_bert, tmp_path, mode):
+    full = hyper(tiny_bert, mode, hypernet_warmup=3)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    trainer(tmp_path, max_steps=8, enable_checkpointing=True, callbacks=[saver]).fit(full, loader(4))
+    resumed = hyper(tiny_bert, mode, seed=1, hypernet_warmup=3)  # another init: everything must come from the file
+    resumed_trainer = trainer(tmp_path, max_steps=8)
+    resumed_trainer.fit(resumed, loader(4), ckpt_path=tmp_path / "ckpt" / "step=4.ckpt")
+    assert resumed_trainer.global_step == 8
+    a, b = adapter_state(full), adapter_state(resumed)
+    assert a.keys() == b.keys() and any(k.startswith("hypernet.") for k in a)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=1e-6, rtol=1e-5, msg=key)
+    for x, y in zip(full.hypernet.generate(), resumed.hypernet.generate()):
+        for key in x:
+            torch.testing.assert_close(y[key], x[key], atol=1e-6, rtol=1e-5)
+
+
+class SaveGenerated(Callback):
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        with torch.no_grad():
+            generated = pl_module.hypernet.generate()
+        state = {f"{n}.{k}": v.clone() for n, g in zip(pl_module.hypernet.layer_names, generated) for k, v in g.items()}
+        state.update({f"{n}.mask": layer.rank_mask.clone() for n, layer in pl_module.adapters.items()})
+        torch.save(state, f"{self.folder}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.integration
+def test_ddp_two_processes_generate_identical_factors_and_masks(tiny_bert, tmp_path):
+    module = hyper(tiny_bert, "recurrent", hypernet_warmup=2)
+    fit = trainer(tmp_path, strategy="ddp_spawn", devices=2, max_steps=6, callbacks=[SaveGenerated(str(tmp_path))])
+    fit.fit(module, loader(12))  # a DistributedSampler gives each rank other batches
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0.keys() == rank1.keys()
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    masks = torch.cat([v for k, v in rank0.items() if k.endswith(".mask")])
+    assert masks.sum() == 2 * len(module.adapters)  # pruned to the target on both ranks
+
+
+def trained(module, steps=4):
+    trainer(max_steps=steps).fit(module, loader(steps))
+    return module.eval()
+
+
+@pytest.mark.parametrize("fmt", ["adalora", "lora"])
+def test_materialised_export_loads_in_peft_with_equal_logits(tiny_bert, tmp_path, fmt):
+    from peft import PeftModel
+
+    module = trained(hyper(tiny_bert, "recurrent", hypernet_warmup=0, tinit=1, tfinal=1), steps=5)
+    with torch.no_grad():
+        before = module(batch_inputs()).logits
+    module.materialize()
+    assert module.hypernet is None and all(type(layer) is SVDLinear for layer in module.adapters.values())
+    assert sum(module.rank_pattern().values()) == 2 * len(module.adapters)
+    folder = export_peft(module, tmp_path / fmt, format=fmt)
+    assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == fmt.upper()
+    loaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_bert), folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(batch_inputs()).logits, before, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(loaded(**batch_inputs()).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_hyperlora_init_equals_lora_and_exports(tiny_bert, tmp_path):
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    lora = LoRAModule(backbone=tiny_bert, rank=4, target_modules=TARGETS).eval()
+    with torch.no_grad():
+        for layer in lora.adapters.values():
+            layer.lora_B.normal_(std=0.1)
+    torch.manual_seed(0)
+    module = HyperLoRAModule(backbone=tiny_bert, rank=4, target_modules=TARGETS, hypernet_hidden=16, hypernet_heads=2)
+    module.load_state_dict({k: v for k, v in lora.state_dict().items() if k in set(lora.adapter_state_keys())} |
+                           {k: v for k, v in module.state_dict().items() if k.startswith("hypernet.")})
+    module.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(batch_inputs()).logits, lora(batch_inputs()).logits, rtol=1e-6, atol=1e-6)
+    trained(module.train(), steps=3)
+    with torch.no_grad():
+        before = module(batch_inputs()).logits
+    module.materialize()
+    assert all(type(layer) is LoRALinear for layer in module.adapters.values())
+    folder = export_peft(module, tmp_path / "hyperlora", format="lora")
+    loaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_bert), folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch_inputs()).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_mode_fails_at_construction(tiny_bert):
+    with pytest.raises(ValueError, match="Unknown hypernet mode"):
+        hyper(tiny_bert, "sideways")
