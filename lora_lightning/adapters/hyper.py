@@ -200,7 +200,6 @@ class AdapterHypernet(nn.Module):
         self.factor_names = kinds.pop()
         self.layer_names = list(layers)
         self._layers = list(layers.values())  # plain list: the layers belong to the backbone, not to us
-        self._index = {id(layer): i for i, layer in enumerate(self._layers)}
         keys = [matrix_keys(name) for name in self.layer_names]
         layer_vocab = sorted({k[0] for k in keys})
         type_vocab = sorted({k[1] for k in keys})
@@ -219,8 +218,9 @@ class AdapterHypernet(nn.Module):
                     value = getattr(layer, fname).detach().clone()
                     delattr(layer, fname)
                     layer.register_buffer(fname, value)
-        for layer in self._layers:
+        for i, layer in enumerate(self._layers):  # plain attributes: they survive pickling (ddp_spawn) and deepcopy
             object.__setattr__(layer, "_hypernet", self)
+            object.__setattr__(layer, "_hypernet_index", i)
         self._train_cache: dict | None = None
         self._eval_cache: dict | None = None
         self._grad_key: tuple | None = None
@@ -284,7 +284,7 @@ class AdapterHypernet(nn.Module):
         return self._train_cache["factors"]
 
     def generated(self, layer: HyperMixin) -> dict[str, Tensor]:
-        return self.generate()[self._index[id(layer)]]
+        return self.generate()[layer._hypernet_index]
 
     def zero_generated_grads(self) -> None:
         self.generated_grads = [{} for _ in self._layers]
