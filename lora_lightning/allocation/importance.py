@@ -55,6 +55,12 @@ class ImportanceTracker:
 
     ``update`` takes one optimiser step; a step whose gradients are not all finite is skipped whole (returns
     ``False``), so one overflow never poisons the averages; a ``None`` gradient skips only that tensor.
+
+    This is the extension point for another importance score (``RankPruningScheduler(importance=...)``):
+    a subclass overrides ``update(units) -> bool`` (called after every optimiser step outside the final phase;
+    ``False`` counts the step as skipped) and/or ``triplet_scores(units) -> {name: (r,) tensor}`` (higher is kept;
+    must give the same numbers on every DDP rank, e.g. computed from all-reduced gradients). Keep every state the
+    scores depend on in ``state_dict`` / ``load_state_dict`` so that a resumed run scores as an uninterrupted one.
     """
 
     def __init__(self, beta1: float = 0.85, beta2: float = 0.85) -> None:
@@ -78,8 +84,12 @@ class ImportanceTracker:
             return False
         ipt = torch._foreach_mul(values, grads)
         torch._foreach_abs_(ipt)
-        # One reduction for the whole step: skip it entirely if any entry is inf/nan.
-        if not bool(torch.stack([torch.isfinite(t).all() for t in ipt]).all()):
+        # One reduction for the whole step: skip it entirely if any entry is inf/nan (max propagates both).
+        if hasattr(torch, "_foreach_max"):
+            peaks = torch.stack(torch._foreach_max(ipt))
+        else:  # older torch
+            peaks = torch.stack([t.max() for t in ipt])
+        if not bool(torch.isfinite(peaks).all()):
             return False
         for key, t in zip(keys, ipt):
             if key not in self.exp_avg_ipt:
@@ -136,8 +146,15 @@ class ImportanceTracker:
 def orthogonal_regularizer(units: dict[str, RankUnit] | list[tuple[Tensor, Tensor]]) -> Tensor:
     """``Σ_k (‖P_kᵀP_k − I‖_F + ‖Q_k Q_kᵀ − I‖_F) / (2n)`` with the unsquared norm, as PEFT and the authors' code."""
     pairs = [(u.P, u.Q) for u in units.values()] if isinstance(units, dict) else list(units)
-    total = 0.0
+    # Matrices of one shape are stacked and done in one batched product (a handful of kernels, not 2n).
+    groups: dict[tuple, list[Tensor]] = {}
     for p, q in pairs:
-        eye = torch.eye(p.shape[1], device=p.device, dtype=p.dtype)
-        total = total + torch.linalg.matrix_norm(p.T @ p - eye) + torch.linalg.matrix_norm(q @ q.T - eye)
+        groups.setdefault(("P", tuple(p.shape), p.dtype, p.device), []).append(p)
+        groups.setdefault(("Q", tuple(q.shape), q.dtype, q.device), []).append(q.T)
+    total = 0.0
+    for (_, shape, dtype, device), mats in groups.items():
+        stacked = torch.stack(mats)  # (k, d, r): PᵀP and (Qᵀ)ᵀQᵀ = QQᵀ are both Mᵀ M
+        gram = stacked.transpose(1, 2) @ stacked
+        eye = torch.eye(gram.shape[-1], device=device, dtype=dtype)
+        total = total + torch.linalg.matrix_norm(gram - eye).sum()
     return total / (2 * len(pairs))
