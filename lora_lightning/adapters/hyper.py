@@ -183,6 +183,12 @@ class AdapterHypernet(nn.Module):
     Build it after injection (``AdapterHypernet(adapter_layers(model), mode=...)``) and register it next to the
     model (as the Lightning modules do) so it moves, trains and saves with it. In ``recurrent`` and ``seeded``
     modes the layers' base factors are turned into buffers here, before any optimiser holds them.
+
+    Extension point: ``generators[factor_name]`` may be any ``nn.Module`` called as
+    ``generator(tokens (n, r, d), layer_ids (n,), type_ids (n,)) -> increment (n, r, d)`` (``d`` is one of the token
+    sizes of that factor; its dtype is that of the module's first parameter). Replace it right after building the
+    hypernet, before an optimiser exists (e.g. in a ``HyperAdaLoRAModule`` subclass's ``__init__``); start it at a
+    zero output to keep "step 0 equals AdaLoRA". See ``docs/extending.md``.
     """
 
     def __init__(self, layers: dict[str, HyperMixin], mode: str = "residual", hidden: int = 64, heads: int = 4,
@@ -249,7 +255,8 @@ class AdapterHypernet(nn.Module):
             for members in groups.values():
                 stacked = torch.stack([tokens[i] for i in members])
                 ids = torch.tensor(members, device=self.layer_ids.device)
-                delta = generator(stacked.to(generator.rank_embedding.dtype), self.layer_ids[ids], self.type_ids[ids])
+                dtype = next(generator.parameters(), stacked).dtype
+                delta = generator(stacked.to(dtype), self.layer_ids[ids], self.type_ids[ids])
                 result = stacked + delta.to(stacked.dtype)
                 for j, i in enumerate(members):
                     out[i][fname] = self._layers[i].from_tokens(fname, result[j])

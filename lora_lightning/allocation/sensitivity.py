@@ -125,11 +125,32 @@ def register_estimator(name: str) -> Callable:
     return decorator
 
 
+def _import_estimator(name: str) -> None:
+    """``"package.module.Name"``: import the module (its ``@register_estimator`` decorators run) and, if the
+    dotted name is still unknown, register the attribute ``Name`` under it. Lets a YAML config name an estimator
+    of research code that nothing else imports."""
+    module_name, _, attribute = name.rpartition(".")
+    if not module_name:
+        return
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return
+    if name not in ESTIMATORS and callable(getattr(module, attribute, None)):
+        ESTIMATORS[name] = getattr(module, attribute)
+
+
 def check_estimator_name(name: str) -> None:
+    """A clear error for an unknown estimator; a dotted ``module.Name`` is imported first (see above)."""
+    if name not in ESTIMATORS:
+        _import_estimator(name)
     if name not in ESTIMATORS:
         raise ValueError(
             f"Unknown sensitivity estimator '{name}'; choose one of {sorted(ESTIMATORS)} "
-            "or register your own with lora_lightning.allocation.sensitivity.register_estimator."
+            "or register your own with lora_lightning.allocation.sensitivity.register_estimator "
+            "(or give it as an importable 'package.module.ClassName')."
         )
 
 

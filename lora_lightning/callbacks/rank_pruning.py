@@ -57,6 +57,13 @@ class RankPruningScheduler(Callback):
         target_r: average rank to end with; default the module's ``target_r``.
         report_dir: where to write ``rank_pattern.json`` at the end; default beside the checkpoints.
         log_heatmap: log a layers × module-type image of kept ranks to TensorBoard at every masking event.
+        importance: the importance score (default ``ImportanceTracker(beta1, beta2)``, AdaLoRA's); research code
+            passes a subclass of :class:`~lora_lightning.allocation.importance.ImportanceTracker` overriding
+            ``update`` / ``triplet_scores`` (and ``state_dict`` / ``load_state_dict`` for extra state), e.g. from
+            YAML as ``importance: {class_path: my_package.MyImportance}``.
+
+    Extension points: ``importance`` (what is scored) and :meth:`build_schedule` (how many triplets stay when;
+    override it in a subclass to return your own :class:`~lora_lightning.allocation.budget.BudgetSchedule`).
     """
 
     def __init__(
@@ -70,6 +77,7 @@ class RankPruningScheduler(Callback):
         target_r: int | None = None,
         report_dir: str | None = None,
         log_heatmap: bool = True,
+        importance: ImportanceTracker | None = None,
     ) -> None:
         super().__init__()
         if delta_t < 1:
@@ -77,7 +85,7 @@ class RankPruningScheduler(Callback):
         for name, value in (("tinit", tinit), ("tfinal", tfinal)):
             resolve_steps(value, 1, name)  # type and range check now, conversion once total_step is known
         self.tinit, self.tfinal, self.delta_t = tinit, tfinal, int(delta_t)
-        self.importance = ImportanceTracker(beta1, beta2)
+        self.importance = importance if importance is not None else ImportanceTracker(beta1, beta2)
         self.total_step, self.target_r = total_step, target_r
         self.report_dir, self.log_heatmap = report_dir, log_heatmap
         self.schedule: BudgetSchedule | None = None
@@ -100,6 +108,8 @@ class RankPruningScheduler(Callback):
         return pl_module.rank_units()
 
     def build_schedule(self, units: dict[str, RankUnit], total_step: int, target_r: int) -> BudgetSchedule:
+        """The budget schedule of this run (called once, in ``setup``); override to return a subclass of
+        :class:`BudgetSchedule` (e.g. another ``budget(step)`` curve) with the same fields."""
         init_budget = sum(u.rank for u in units.values())
         for unit in units.values():
             validate_ranks(unit.rank, target_r)

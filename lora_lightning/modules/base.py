@@ -2,10 +2,12 @@
 
 A method subclasses :class:`AdapterModule` and implements :meth:`make_adapter`; it may add loss terms
 (:meth:`extra_losses`), optimiser parameter groups (:meth:`param_groups`) and the callbacks its rank
-machinery needs (``configure_callbacks``).
+machinery needs (``configure_callbacks``). Research code may also replace the task (loss and metrics) by
+overriding :meth:`AdapterModule.build_task` (see ``docs/extending.md``).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
@@ -22,7 +24,9 @@ from lora_lightning.adapters.base import (
     set_trainable,
 )
 from lora_lightning.backbone import load_backbone
-from lora_lightning.modules.tasks import Task, build_task
+from lora_lightning.checkpoint import read_checkpoint
+from lora_lightning.modules.tasks import Task
+from lora_lightning.modules.tasks import build_task as make_task
 
 CHECKPOINT_KEY = "lora_lightning"
 FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
@@ -75,7 +79,7 @@ class AdapterModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.task: Task = build_task(task, num_labels)
+        self.task: Task = self.build_task()
         # from_pretrained returns eval mode; Lightning keeps each submodule's mode, so dropout must be enabled here.
         self.backbone = load_backbone(backbone, task, num_labels, trust_remote_code=trust_remote_code).train()
         self.modules_to_save = (
@@ -91,6 +95,15 @@ class AdapterModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
 
     # ----------------------------------------------------------------- what a method defines
+    def build_task(self) -> Task:
+        """The :class:`~lora_lightning.modules.tasks.Task` (loss and validation metrics) of this module.
+
+        Called once in ``__init__``, after ``save_hyperparameters`` (``self.hparams`` holds every argument) and
+        before the backbone is loaded. Override it to train with your own loss or metrics; keep ``hparams.task``
+        one of the built-in task names, since it also chooses the ``transformers`` head that is loaded.
+        """
+        return make_task(self.hparams.task, self.hparams.num_labels)
+
     def make_adapter(self, name: str, layer: nn.Module) -> AdapterLayer:
         """The adapter that replaces the linear layer ``name``."""
         raise NotImplementedError
@@ -192,6 +205,15 @@ class AdapterModule(L.LightningModule):
             "fingerprint": self.backbone_fingerprint(),
             "label_names": self.label_names,
         }
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any):
+        """Lightning's ``load_from_checkpoint``, after reading a local file with
+        :func:`~lora_lightning.checkpoint.read_checkpoint` (weights only) so that a truncated, corrupted or foreign
+        file is a :class:`~lora_lightning.checkpoint.CheckpointReadError` naming it, not an unpickling traceback."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in os.fspath(checkpoint_path):
+            read_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY)
