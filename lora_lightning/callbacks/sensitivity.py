@@ -12,6 +12,7 @@ Output: a summary table in the log, a heat map (and the table) in TensorBoard, a
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Iterable
@@ -28,6 +29,23 @@ from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary,
 
 log = logging.getLogger(__name__)
 JSON_NAME = "sensitivity_allocation.json"
+
+
+def resume_checkpoint(trainer: L.Trainer):
+    """The checkpoint this ``fit`` will restore, already during the ``setup`` hooks.
+
+    Lightning sets ``trainer.ckpt_path`` only when it restores, after ``setup`` and ``configure_model``; the path
+    chosen by ``fit(ckpt_path=...)`` is until then a local of ``Trainer._run``. We read it from there (falling back
+    to ``trainer.ckpt_path``, which is set early when the user assigns it), so a resumed fit never recalibrates.
+    """
+    if trainer.ckpt_path is not None:
+        return trainer.ckpt_path
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
+            return frame.f_locals.get("ckpt_path")
+        frame = frame.f_back
+    return None
 
 
 class HessianSensitivityEstimator(L.Callback):
@@ -99,7 +117,7 @@ class HessianSensitivityEstimator(L.Callback):
                 f"HessianSensitivityEstimator allocates the ranks of a SensitivityLoRAModule, not a "
                 f"{type(pl_module).__name__}."
             )
-        if trainer.ckpt_path is not None or pl_module.allocation is not None:
+        if resume_checkpoint(trainer) is not None or pl_module.allocation is not None:
             rank_zero_info("Sensitivity-LoRA: ranks come from the checkpoint / module; no recalibration.")
             return
         self.allocate(trainer, pl_module)

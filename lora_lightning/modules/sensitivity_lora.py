@@ -131,6 +131,16 @@ class SensitivityLoRAModule(LoRAModule):
             "report": self.allocation_report,
         }
 
+    def load_state_dict(self, state_dict: dict[str, Tensor], strict: bool = True, assign: bool = False):
+        """Adapter weights carry their ranks: reshape to the ``lora_A`` shapes first (ddp_spawn hands the trained
+        weights back to the main process this way, without a checkpoint), then load as the base module does."""
+        layers = self.lora_layers()
+        ranks = {name: state_dict[f"backbone.{name}.lora_A"].shape[0] for name in layers
+                 if f"backbone.{name}.lora_A" in state_dict}
+        if len(ranks) == len(layers) and any(layers[n].rank != r for n, r in ranks.items()):
+            self.apply_allocation(ranks, self.allocation_report)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Reshape the adapters from the saved rank pattern before ``load_state_dict`` sees the weights."""
         super().on_load_checkpoint(checkpoint)
