@@ -178,3 +178,49 @@ def export_merged(module: AdapterModule, folder: str | os.PathLike, overwrite: b
     with atomic_folder(folder, overwrite) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
     return Path(folder)
+
+
+class ExportReadError(ValueError):
+    """A PEFT export folder that is missing, incomplete or corrupted."""
+
+
+PEFT_EXPORT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def read_peft_export(folder: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(adapter_config, tensors)`` of a folder written by :func:`export_peft`, checked: both files present, the
+    config valid JSON with a ``peft_type``, the tensors a readable safetensors file (no pickle, no code runs) that
+    holds a ``lora_A`` for every target module. Anything else is an :class:`ExportReadError` naming the problem."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ExportReadError(f"Export folder '{folder}' does not exist.")
+    missing = [name for name in PEFT_EXPORT_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ExportReadError(
+            f"Export folder '{folder}' is incomplete: {', '.join(missing)} missing. Export again "
+            f"(lora-lightning export --checkpoint ... --output {folder} --overwrite)."
+        )
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ExportReadError(f"'{folder / 'adapter_config.json'}' is not valid JSON ({error}); export again.") from error
+    if not isinstance(config, dict) or "peft_type" not in config:
+        raise ExportReadError(f"'{folder / 'adapter_config.json'}' is not a PEFT adapter config (no 'peft_type').")
+    try:
+        tensors = load_file(folder / "adapter_model.safetensors")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ExportReadError(
+            f"'{folder / 'adapter_model.safetensors'}' cannot be read ({error}); it is truncated or corrupted. "
+            f"Export again."
+        ) from error
+    absent = [name for name in config.get("target_modules") or []
+              if not any(key.endswith(f"{name}.lora_A.weight") or key.endswith(f"{name}.lora_A") for key in tensors)]
+    if absent:
+        raise ExportReadError(
+            f"'{folder / 'adapter_model.safetensors'}' lacks the weights of {len(absent)} target modules "
+            f"(first: {absent[0]}); the files do not belong together. Export again."
+        )
+    return config, tensors
