@@ -80,6 +80,15 @@ class LoRALightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads an explicit --ckpt_path file in __init__ (its hyperparameters replace the model config);
+        # read it ourselves first so that a damaged file is a clear error rather than a raw torch.load traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and os.path.isfile(ckpt_path):
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
     def before_fit(self) -> None:
         kwargs = self.config_init[self.subcommand]
         kwargs["ckpt_path"] = resolve_resume_checkpoint(self.trainer, kwargs.get("ckpt_path"))
