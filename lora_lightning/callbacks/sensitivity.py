@@ -24,7 +24,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from lora_lightning.allocation.sensitivity import DiagonalStatistics, build_estimator, check_estimator_name
+from lora_lightning.allocation.sensitivity import build_estimator, check_estimator_name
 from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary, write_rank_pattern
 
 log = logging.getLogger(__name__)
@@ -196,4 +196,4 @@ class HessianSensitivityEstimator(L.Callback):
         self.allocation_seconds = state_dict.get("allocation_seconds")
 
 
-__all__ = ["HessianSensitivityEstimator", "DiagonalStatistics"]
+__all__ = ["HessianSensitivityEstimator", "resume_checkpoint"]
