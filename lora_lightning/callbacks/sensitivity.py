@@ -182,7 +182,7 @@ class HessianSensitivityEstimator(L.Callback):
         folder = None
         if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
             folder = trainer.checkpoint_callback.dirpath
-        elif trainer.log_dir:
+        elif trainer.loggers and trainer.log_dir:  # no checkpoints and no logger: nothing is written
             folder = trainer.log_dir
         if folder is not None:
             path = write_rank_pattern(Path(folder) / JSON_NAME, pl_module.allocation, self.report)
