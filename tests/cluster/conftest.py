@@ -91,7 +91,8 @@ def fake_scontrol(tmp_path) -> Path:
 def launch(config: Path, env: dict[str, str] | None = None, extra: list[str] | None = None,
            log: Path | None = None) -> subprocess.Popen:
     """``lora-lightning fit --config <config> ... --ckpt_path last`` as the sbatch template runs it."""
-    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("MASTER_ADDR", "MASTER_PORT")}
+    full_env = {**inherited, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
                 "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     scontrol = config.parent.parent / "bin"
     if scontrol.is_dir():

@@ -28,8 +28,9 @@ def test_slurm_variables_give_world_size_and_ranks(monkeypatch, procid, nodeid, 
     task_env(monkeypatch, SLURM_NTASKS=4, SLURM_NTASKS_PER_NODE=2, SLURM_NNODES=2, SLURM_PROCID=procid,
              SLURM_LOCALID=localid, SLURM_NODEID=nodeid, SLURM_JOB_ID=77, SLURM_JOB_NAME="lora-fit",
              SLURM_NODELIST="gpu[017-018]")
-    monkeypatch.delenv("MASTER_ADDR", raising=False)
-    monkeypatch.delenv("MASTER_PORT", raising=False)
+    for key in ("MASTER_ADDR", "MASTER_PORT"):  # SLURMEnvironment writes them into os.environ: restore after
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     assert SLURMEnvironment.detect()
     trainer = L.Trainer(accelerator="cpu", devices=2, num_nodes=2, strategy="ddp", logger=False)
     environment = trainer.strategy.cluster_environment
