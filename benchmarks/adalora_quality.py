@@ -36,10 +36,11 @@ from lora_lightning.modules import AdaLoRAModule, LoRAModule  # noqa: E402
 
 
 def build(method: str, args) -> L.LightningModule:
-    common = dict(backbone="minilm", num_labels=2, target_modules="all-linear", learning_rate=args.lr)
+    common = dict(backbone="minilm", num_labels=2, target_modules="all-linear")
     if method == "lora":
-        return LoRAModule(rank=8, alpha=16.0, **common)
-    return AdaLoRAModule(init_r=12, target_r=8, alpha=24.0, orth_reg_weight=0.1, tinit=0.1, tfinal=0.2,
+        return LoRAModule(rank=8, alpha=16.0, learning_rate=args.lr, **common)
+    return AdaLoRAModule(learning_rate=args.adalora_lr or args.lr, init_r=12, target_r=8, alpha=24.0,
+                         orth_reg_weight=0.1, tinit=0.1, tfinal=0.2,
                          delta_t=max(1, args.steps // 20), **common)
 
 
@@ -77,30 +78,37 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--adalora-lr", type=float, default=None, help="AdaLoRA's learning rate (default: --lr)")
+    parser.add_argument("--methods", nargs="+", default=["lora", "adalora"], choices=["lora", "adalora"])
+    parser.add_argument("--name", default="adalora_quality", help="results file name under benchmarks/results/")
     parser.add_argument("--eval-samples", type=int, default=500)
     parser.add_argument("--workdir", default="/tmp/adalora_quality")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs available)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     warnings.filterwarnings("ignore")
-    runs = [run(method, seed, args) for seed in args.seeds for method in ("lora", "adalora")]
+    runs = [run(method, seed, args) for seed in args.seeds for method in args.methods]
     rows, summary = [], {}
-    for method, label in (("lora", "LoRA r=8 (α=16)"), ("adalora", "AdaLoRA init_r=12 → target_r=8 (α=24)")):
+    labels = {"lora": f"LoRA r=8 (α=16), lr {args.lr}",
+              "adalora": f"AdaLoRA init_r=12 → target_r=8 (α=24), lr {args.adalora_lr or args.lr}"}
+    for method in args.methods:
+        label = labels[method]
         accs = [r["val_accuracy"] for r in runs if r["method"] == method]
         mean, spread = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
         summary[method] = {"mean_accuracy": mean, "std_accuracy": spread, "accuracies": accs}
         rows.append([label, len(accs), f"{mean:.4f}", f"{spread:.4f}", ", ".join(f"{a:.4f}" for a in accs)])
-    ada = [r for r in runs if r["method"] == "adalora"]
+    ada = [r for r in runs if r["method"] == "adalora"] or [{"total_rank": 0, "modules": 0, "min_rank": 0,
+                                                             "max_rank": 0}]
     markdown = (
         "# AdaLoRA vs LoRA: MiniLM on Rotten Tomatoes\n\n"
-        f"{args.steps} optimiser steps, batch 16, seq 64, lr {args.lr}, all linear layers; validation accuracy on "
+        f"{args.steps} optimiser steps, batch 16, seq 64, all linear layers; validation accuracy on "
         f"{args.eval_samples} held-out samples; seeds {args.seeds}. CPU, torch {torch.__version__}.\n\n"
         + markdown_table(["method", "seeds", "mean acc", "std", "per seed"], rows, align="lrrrl")
         + f"\n\nAdaLoRA final budget: {ada[0]['total_rank']} ranks over {ada[0]['modules']} matrices "
         f"(per-matrix ranks from {min(r['min_rank'] for r in ada)} to {max(r['max_rank'] for r in ada)}).\n"
     )
     print(markdown)
-    write_results("adalora_quality", {"settings": vars(args), "summary": summary, "runs": runs,
+    write_results(args.name, {"settings": vars(args), "summary": summary, "runs": runs,
                                       "environment": environment()}, markdown, reproduce_command())
 
 
