@@ -19,7 +19,7 @@ from lora_lightning.backbone import load_tokenizer
 from lora_lightning.data.collate import IGNORE_INDEX, CausalLMCollator, EncodedDataset
 from lora_lightning.data.files import check_file, read_table, read_text, require_columns
 from lora_lightning.data.splits import split_indices, subsample
-from lora_lightning.data.sampling import EpochSeededSampler
+from lora_lightning.data.sampling import training_order
 
 SOURCES = ("hamlet", "files")
 FORMATS = {"text": (".txt",), "instruction": (".jsonl", ".json")}
@@ -184,7 +184,7 @@ class CausalLMDataModule(L.LightningDataModule):
         return DataLoader(
             self.datasets[split],
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            sampler=EpochSeededSampler(len(self.datasets[split]), hp.seed) if train else None,
+            **(training_order(self, len(self.datasets[split]), hp.seed) if train else {}),
             collate_fn=CausalLMCollator(self.tokenizer.pad_token_id),
             num_workers=hp.num_workers,
         )

@@ -21,7 +21,7 @@ from lora_lightning.data.glue import GlueTask, get_glue_task
 from lora_lightning.data.labels import Label, LabelSpace, infer_label_space, parse_label
 from lora_lightning.data.sources import ROTTEN_TOMATOES_LABELS, load_glue, load_rotten_tomatoes, require_datasets
 from lora_lightning.data.splits import split_indices, subsample
-from lora_lightning.data.sampling import EpochSeededSampler
+from lora_lightning.data.sampling import training_order
 
 SOURCES = ("rotten_tomatoes", "files", "glue/<task>")
 
@@ -236,7 +236,7 @@ class TextClassificationDataModule(L.LightningDataModule):
         return DataLoader(
             self.datasets[split],
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            sampler=EpochSeededSampler(len(self.datasets[split]), hp.seed) if train else None,
+            **(training_order(self, len(self.datasets[split]), hp.seed) if train else {}),
             collate_fn=ClassificationCollator(self.tokenizer, regression=self.is_regression),
             num_workers=hp.num_workers,
         )

@@ -29,3 +29,16 @@ class EpochSeededSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def training_order(datamodule, num_samples: int, seed: int) -> dict:
+    """DataLoader arguments for the training order.
+
+    One process: :class:`EpochSeededSampler`. Several (DDP): plain ``shuffle=True``, which Lightning replaces by a
+    ``DistributedSampler`` that shards the data and is itself reseeded by ``set_epoch``; a custom sampler would be
+    wrapped instead, and the wrapper never forwards ``set_epoch``, so every epoch would repeat one order.
+    """
+    trainer = getattr(datamodule, "trainer", None)
+    if trainer is not None and trainer.world_size > 1:
+        return {"shuffle": True}
+    return {"sampler": EpochSeededSampler(num_samples, seed)}
