@@ -50,7 +50,6 @@ import argparse
 import bz2
 import copy
 import csv
-import io
 import json
 import os
 import random

@@ -20,7 +20,6 @@ can drift. Its state (EMAs in fp32, masks, the step it has reached, whether the 
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 import weakref

@@ -6,20 +6,14 @@ loss covers only the response and eos: labels are -100 on prompt tokens and on p
 """
 from __future__ import annotations
 
-from typing import Any
 
-import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
 
 from lora_lightning.assets import packaged_file
-from lora_lightning.backbone import load_tokenizer
+from lora_lightning.data.base import TokenizedDataModule
 from lora_lightning.data.collate import IGNORE_INDEX, CausalLMCollator, EncodedDataset
 from lora_lightning.data.files import check_file, read_table, read_text, require_columns
 from lora_lightning.data.splits import split_indices, subsample
-from lora_lightning.data.sampling import training_order
 
 SOURCES = ("hamlet", "files")
 FORMATS = {"text": (".txt",), "instruction": (".jsonl", ".json")}
@@ -37,7 +31,7 @@ def instruction_example(prompt_ids: list[int], response_ids: list[int], eos_id: 
     return {"input_ids": input_ids, "labels": labels}
 
 
-class CausalLMDataModule(L.LightningDataModule):
+class CausalLMDataModule(TokenizedDataModule):
     """Next-token prediction data for a decoder-only backbone.
 
     ``source`` is ``"hamlet"`` (packaged corpus, ``format="text"``) or ``"files"`` (``train_file`` and optional
@@ -86,15 +80,6 @@ class CausalLMDataModule(L.LightningDataModule):
                 "train": check_file(train_file, "train", FORMATS[format]),
                 "validation": check_file(validation_file, "validation", FORMATS[format]),
             }
-        self.datasets: dict[str, EncodedDataset] = {}
-        self._tokenizer: PreTrainedTokenizerBase | None = None
-
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The backbone's tokenizer (loaded on first use)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.backbone)
-        return self._tokenizer
 
     @property
     def eos_token_id(self) -> int:
@@ -177,26 +162,5 @@ class CausalLMDataModule(L.LightningDataModule):
                 {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
             )
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        if split not in self.datasets:
-            self.setup()
-        hp = self.hparams
-        return DataLoader(
-            self.datasets[split],
-            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            **(training_order(self, len(self.datasets[split]), hp.seed) if train else {}),
-            collate_fn=CausalLMCollator(self.tokenizer.pad_token_id),
-            num_workers=hp.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("validation")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("validation")
+    def collate_fn(self) -> CausalLMCollator:
+        return CausalLMCollator(self.tokenizer.pad_token_id)

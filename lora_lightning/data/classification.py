@@ -7,21 +7,16 @@ Sources: ``"rotten_tomatoes"`` (packaged offline corpus), ``"files"`` (local csv
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import lightning as L
-from torch.utils.data import DataLoader
-from transformers import PreTrainedTokenizerBase
 
-from lora_lightning.backbone import load_tokenizer
+from lora_lightning.data.base import TokenizedDataModule
 from lora_lightning.data.collate import ClassificationCollator, EncodedDataset
 from lora_lightning.data.files import check_file, read_table, require_columns
 from lora_lightning.data.glue import GlueTask, get_glue_task
 from lora_lightning.data.labels import Label, LabelSpace, infer_label_space, parse_label
 from lora_lightning.data.sources import ROTTEN_TOMATOES_LABELS, load_glue, load_rotten_tomatoes, require_datasets
 from lora_lightning.data.splits import split_indices, subsample
-from lora_lightning.data.sampling import training_order
 
 SOURCES = ("rotten_tomatoes", "files", "glue/<task>")
 
@@ -38,7 +33,7 @@ class _Split:
         return _Split([self.texts[i] for i in indices], labels)
 
 
-class TextClassificationDataModule(L.LightningDataModule):
+class TextClassificationDataModule(TokenizedDataModule):
     """Sequence classification and regression data for a Hugging Face tokenizer.
 
     Without ``validation_file`` (and for ``rotten_tomatoes``), a seeded ``validation_fraction`` of the training
@@ -96,21 +91,12 @@ class TextClassificationDataModule(L.LightningDataModule):
         else:
             self.files = {}
         self.text_fields = list(text_fields or (self.glue_task.text_fields if self.glue_task else ["text"]))
-        self.datasets: dict[str, EncodedDataset] = {}
         self._splits: dict[str, _Split] | None = None
         self._space: LabelSpace | None = None
         self._all_labels: list[Label] = []
         self._restored_names: list[str] | None = None
-        self._tokenizer: PreTrainedTokenizerBase | None = None
 
     # ----------------------------------------------------------------------------------------- properties
-    @property
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The backbone's tokenizer (loaded on first use)."""
-        if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.hparams.backbone)
-        return self._tokenizer
-
     @property
     def num_labels(self) -> int:
         """Number of classes, 1 for regression; inferred from the data when not given."""
@@ -229,33 +215,12 @@ class TextClassificationDataModule(L.LightningDataModule):
         labels = self._space.encode(raw.labels) if raw.labels is not None else None
         return EncodedDataset({key: list(values) for key, values in encoded.items()}, labels)
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        if split not in self.datasets:
-            self.setup()
-        hp = self.hparams
-        return DataLoader(
-            self.datasets[split],
-            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            **(training_order(self, len(self.datasets[split]), hp.seed) if train else {}),
-            collate_fn=ClassificationCollator(self.tokenizer, regression=self.is_regression),
-            num_workers=hp.num_workers,
-        )
+    def collate_fn(self) -> ClassificationCollator:
+        return ClassificationCollator(self.tokenizer, regression=self.is_regression)
 
-    def _held_out_split(self) -> str:
+    def held_out_split(self) -> str:
         """The test file's split when one was given, else validation."""
         return "test" if self.files.get("test") is not None else "validation"
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("validation")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._held_out_split())
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self._held_out_split())
 
     # ------------------------------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:

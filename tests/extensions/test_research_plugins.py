@@ -2,11 +2,9 @@
 class_path, as a research user would (docs/extending.md)."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from lora_lightning.cli import run_cli
