@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from lora_lightning.cli import main as cli_main
 from lora_lightning.export import export_merged, export_peft
 from lora_lightning.modules import LoRAModule
-from tests.conftest import random_batch
+from tests.helpers import random_batch
 from tests.modules.test_lora_module import perturb_adapters
 
 

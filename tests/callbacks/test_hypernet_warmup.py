@@ -6,7 +6,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import random_batch
+from tests.helpers import random_batch
 from lora_lightning.callbacks.hypernet_warmup import HypernetWarmup
 from lora_lightning.modules.hyperadalora import HyperLoRAModule
 

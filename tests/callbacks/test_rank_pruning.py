@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from conftest import random_batch
+from tests.helpers import random_batch
 from lora_lightning.allocation.importance import RankUnit
 from lora_lightning.callbacks import RankPruningScheduler
 from lora_lightning.callbacks.rank_report import (

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import random_batch
+from tests.helpers import random_batch
 from lora_lightning.callbacks import HessianSensitivityEstimator
 from lora_lightning.callbacks.sensitivity import JSON_NAME
 from lora_lightning.modules import SensitivityLoRAModule
@@ -142,7 +142,7 @@ DDP_SCRIPT = textwrap.dedent(
     import lightning as L, torch
     from torch.utils.data import DataLoader
     sys.path.insert(0, {tests!r})
-    from conftest import random_batch
+    from tests.helpers import random_batch
     from lora_lightning.callbacks import HessianSensitivityEstimator
     from lora_lightning.modules import SensitivityLoRAModule
 

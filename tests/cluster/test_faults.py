@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lora_lightning.export as export
-from conftest import finish, launch, write_config
+from tests.cluster.launcher import finish, launch, write_config
 from lora_lightning.checkpoint import CheckpointReadError, read_checkpoint
 from lora_lightning.cli import run_cli
 from lora_lightning.modules import AdaLoRAModule, CheckpointMismatchError, LoRAModule

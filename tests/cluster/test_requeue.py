@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import pytest
 
-from conftest import JOB_ID, assert_same, available_methods, finish, launch, slurm_env, write_config
+from tests.cluster.launcher import JOB_ID, assert_same, available_methods, finish, launch, slurm_env, write_config
 
 pytestmark = pytest.mark.integration
 COMPARED_CALLBACKS = ("RankPruningScheduler", "HypernetWarmup")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_same, finish, free_port, launch, slurm_env, write_config
+from tests.cluster.launcher import assert_same, finish, free_port, launch, slurm_env, write_config
 
 pytestmark = pytest.mark.integration
 

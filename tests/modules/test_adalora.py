@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import random_batch
+from tests.helpers import random_batch
 from lora_lightning.allocation.budget import top_b_masks
 from lora_lightning.allocation.importance import ImportanceTracker, RankUnit
 from lora_lightning.callbacks import RankPruningScheduler

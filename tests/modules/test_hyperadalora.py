@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from transformers import AutoModelForSequenceClassification
 
-from conftest import random_batch
+from tests.helpers import random_batch
 from lora_lightning.adapters.hyper import HyperSVDLinear
 from lora_lightning.adapters.lora import LoRALinear
 from lora_lightning.adapters.svd import SVDLinear

@@ -7,7 +7,7 @@ import torch
 from lora_lightning import assets
 from lora_lightning.adapters.base import disable_adapters
 from lora_lightning.modules import CheckpointMismatchError, LoRAModule
-from tests.conftest import random_batch
+from tests.helpers import random_batch
 
 
 def perturb_adapters(module: LoRAModule, seed: int = 0) -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from conftest import random_batch
+from tests.helpers import random_batch
 from lora_lightning.export import export_peft
 from lora_lightning.modules import SensitivityLoRAModule
 
