@@ -9,7 +9,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lora_lightning.backbone import load_tokenizer
 from lora_lightning.data.collate import EncodedDataset
-from lora_lightning.data.sampling import training_order
+from lora_lightning.data.sampling import ResumableDataLoader, training_order
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -41,13 +41,26 @@ class TokenizedDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup()
         hp = self.hparams
-        return DataLoader(
-            self.datasets[split],
-            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
-            **(training_order(self, len(self.datasets[split]), hp.seed) if train else {}),
-            collate_fn=self.collate_fn(),
-            num_workers=hp.num_workers,
+        common = dict(collate_fn=self.collate_fn(), num_workers=hp.num_workers)
+        if not train:
+            return DataLoader(self.datasets[split], batch_size=hp.eval_batch_size or hp.batch_size, **common)
+        # resumable: a checkpoint taken mid-epoch continues at the next unseen batch (see ResumableDataLoader)
+        return ResumableDataLoader(
+            self.datasets[split], batch_size=hp.batch_size,
+            **training_order(self, len(self.datasets[split]), hp.seed), **common,
+            position=self._consumed_train_batches,
         )
+
+    def _consumed_train_batches(self) -> int | None:
+        """Training batches of the current epoch the fit loop has finished with (what a resumed fit skips).
+
+        ``processed`` rather than the batches fetched: Lightning resumes after the last processed batch, also when
+        a checkpoint is written after the next batch was fetched (SIGUSR1 handler, ``on_train_batch_start``).
+        """
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return None
+        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -1,11 +1,13 @@
 """The Slurm requeue cycle, simulated on one machine with the real console script.
 
-Launch 1 runs as Slurm task 0 of job 4242 with a fake ``scontrol`` on PATH. At optimiser step 4 it receives SIGUSR1
-(what ``#SBATCH --signal=SIGUSR1@90`` delivers): Lightning's SLURMEnvironment auto-requeue writes
-``hpc_ckpt_1.ckpt`` and runs ``scontrol requeue 4242``; our scontrol answers like Slurm, with SIGTERM, and the job
-stops. Launch 2 is the same command line (``--ckpt_path last``, as in slurm/fit.sbatch): it must resume from the
-requeue checkpoint, which is newer than ``last.ckpt`` (step 3), and end with the adapter weights and rank state of an
-uninterrupted run.
+Launch 1 runs as Slurm task 0 of job 4242 with a fake ``scontrol`` on PATH. At optimiser step 5 (in the middle of
+epoch 1: 4 steps an epoch, the batch after step 5 already fetched) it receives SIGUSR1 (what
+``#SBATCH --signal=SIGUSR1@90`` delivers): Lightning's SLURMEnvironment auto-requeue writes ``hpc_ckpt_1.ckpt`` and
+runs ``scontrol requeue 4242``; our scontrol answers like Slurm, with SIGTERM, and the job stops. Launch 2 is the same
+command line (``--ckpt_path last``, as in slurm/fit.sbatch): it must resume from the requeue checkpoint, which is
+newer than ``last.ckpt`` (step 4), continue epoch 1 at its second batch (the training DataLoader is resumable) and
+end with the adapter weights and rank state of an uninterrupted run. (Launch 1 still finishes the batch it had
+fetched, step 6, before the SIGTERM stops it; checkpoints every 4 steps keep its files older than the requeue one.)
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from tests.cluster.launcher import JOB_ID, assert_same, available_methods, finis
 
 pytestmark = pytest.mark.integration
 COMPARED_CALLBACKS = ("RankPruningScheduler", "HypernetWarmup")
+SIGNAL_STEP = 5  # mid-epoch: one batch of epoch 1 consumed (4 steps an epoch)
+CHECKPOINT_EVERY = 4  # last.ckpt at step 4 and 8: older than the requeue checkpoint when launch 1 stops
 
 
 def callbacks(folder, sensitivity_log, signal_step=None):
@@ -36,16 +40,20 @@ def test_requeue_resumes_to_the_uninterrupted_result(method, tiny_bert, tmp_path
         make = callbacks
     # the uninterrupted run: same command, no signal
     reference = write_config(tmp_path / "reference", tiny_bert, method, callbacks=make(
-        tmp_path / "reference", tmp_path / "reference" / "calibrations.log"), checkpoint_every=3)
+        tmp_path / "reference", tmp_path / "reference" / "calibrations.log"), checkpoint_every=CHECKPOINT_EVERY)
     reference_run = launch(reference, env=slurm_env())
     run = tmp_path / "job"
-    config = write_config(run, tiny_bert, method, callbacks=make(run, run / "calibrations.log", 4), checkpoint_every=3)
+    config = write_config(run, tiny_bert, method, callbacks=make(run, run / "calibrations.log", SIGNAL_STEP),
+                          checkpoint_every=CHECKPOINT_EVERY)
 
     first = launch(config, env=slurm_env(), log=run / "first.log")
     code, output = finish(first, run / "first.log")
     assert fake_scontrol.read_text().split("\n")[0] == f"requeue {JOB_ID}", output[-3000:]
     assert (run / "hpc_ckpt_1.ckpt").is_file(), output[-3000:]
-    assert torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 4
+    requeue_checkpoint = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)
+    assert requeue_checkpoint["global_step"] == SIGNAL_STEP
+    # written in the signal handler at the start of batch 1 of epoch 1 (fetched, not trained on): 1 batch consumed
+    assert requeue_checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "consumed": 1}]
     assert not (run / "final0.pt").exists(), "the first launch went on training after the requeue"
 
     second = launch(config, env=slurm_env(), log=run / "second.log")
