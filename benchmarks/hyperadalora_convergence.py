@@ -235,8 +235,8 @@ def merge(args) -> None:
                 runs.setdefault(name, []).append({"curve": [tuple(c) for c in curve], "step_times": [ms / 1e3]})
         for key in ("steps", "val_every", "val_samples", "batch_size", "max_length", "target_frac"):
             setattr(args, key, data["args"][key])
-    args.seeds = seeds
-    report(runs, args, seeds)
+    args.seeds = sorted(set(seeds))  # files may split one seed's contenders
+    report(runs, args, args.seeds)
 
 
 def report(runs, args, seeds) -> None:
