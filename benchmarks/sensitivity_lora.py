@@ -5,7 +5,7 @@ batch 16 at sequence length 64, AdamW lr 1e-3 with 6 % warmup and linear decay, 
 
 * ``lora``: our LoRAModule, rank 8, alpha 16 (total rank 8 · n).
 * ``sens-<estimator>``: SensitivityLoRAModule with ``r_avg=8`` (same total rank 8 · n), alpha 16, the module's
-  default ``r_min=1``, ``r_max=None`` and ``num_batches=16`` calibration batches from the training loader;
+  default ``r_min=1``, ``r_max=24`` (as the shipped configs) and ``num_batches=16`` calibration batches from the training loader;
   one row per estimator (``activation`` = the paper's, ``fisher``, ``hutchinson``).
 * ``adalora``: AdaLoRAModule init_r 12 → target_r 8 (same final budget), when the class exists.
 
@@ -57,11 +57,13 @@ def build(name: str, steps: int):
     if name == "lora":
         return modules.LoRAModule(rank=8, alpha=16, dropout=0.05, **common)
     if name.startswith("sens-"):
-        return modules.SensitivityLoRAModule(r_avg=8, alpha=16, dropout=0.05, estimator=name[5:], num_batches=16,
-                                             **common)
+        # r_max as the shipped configs (3 x r_avg): without it fisher/hutchinson pile most ranks onto the pooler.
+        return modules.SensitivityLoRAModule(r_avg=8, r_max=24, alpha=16, dropout=0.05, estimator=name[5:],
+                                             num_batches=16, **common)
     if name == "adalora":
-        return modules.AdaLoRAModule(init_r=12, target_r=8, alpha=16, dropout=0.05, tinit=0.1, tfinal=0.2,
-                                     total_step=steps, **common)
+        # as configs/adalora/minilm_rotten_tomatoes.yaml (scale alpha / init_r = 2, like LoRA's 16 / 8)
+        return modules.AdaLoRAModule(init_r=12, target_r=8, alpha=24, dropout=0.05, orth_reg_weight=0.1, tinit=0.1,
+                                     tfinal=0.2, delta_t=10, total_step=steps, **common)
     raise ValueError(name)
 
 

@@ -141,7 +141,7 @@ DDP_SCRIPT = textwrap.dedent(
     import json, sys
     import lightning as L, torch
     from torch.utils.data import DataLoader
-    sys.path.insert(0, {tests!r})
+    sys.path.insert(0, {root!r})
     from tests.helpers import random_batch
     from lora_lightning.callbacks import HessianSensitivityEstimator
     from lora_lightning.modules import SensitivityLoRAModule
@@ -180,11 +180,11 @@ DDP_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("estimator", ["activation"])
 def test_ddp_two_processes_allocate_identically(tiny_bert, tmp_path, estimator):
     script = tmp_path / "ddp_sensitivity.py"
-    tests = str(Path(__file__).resolve().parent.parent)
-    script.write_text(DDP_SCRIPT.format(tests=tests, bert=tiny_bert, targets=TARGETS, est=estimator, out=str(tmp_path)))
+    root = Path(__file__).resolve().parents[2]
+    script.write_text(DDP_SCRIPT.format(root=str(root), bert=tiny_bert, targets=TARGETS, est=estimator, out=str(tmp_path)))
     for mode in ("ddp", "single"):
         done = subprocess.run([sys.executable, str(script), mode], capture_output=True, text=True, timeout=600,
-                              cwd=Path(tests).parent)
+                              cwd=root)
         assert done.returncode == 0, done.stderr[-3000:]
     rank0 = json.loads((tmp_path / "ddp" / "rank0.json").read_text())
     rank1 = json.loads((tmp_path / "ddp" / "rank1.json").read_text())

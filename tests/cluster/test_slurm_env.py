@@ -10,6 +10,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 TEMPLATE = Path(__file__).parents[2] / "slurm" / "fit.sbatch"
 
@@ -32,6 +34,10 @@ def test_slurm_variables_give_world_size_and_ranks(monkeypatch, procid, nodeid, 
         monkeypatch.setenv(key, "")
         monkeypatch.delenv(key)
     assert SLURMEnvironment.detect()
+    # The Trainer sets the process-wide rank used by every @rank_zero_only function; restore it, or later tests in
+    # this process stop logging and warning as if they were rank > 0.
+    for holder in (rank_zero_only, fabric_rank_zero_only):
+        monkeypatch.setattr(holder, "rank", getattr(holder, "rank", 0))
     trainer = L.Trainer(accelerator="cpu", devices=2, num_nodes=2, strategy="ddp", logger=False)
     environment = trainer.strategy.cluster_environment
     assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue
