@@ -2,7 +2,7 @@
 
 An adapter layer wraps a frozen linear ``base_layer`` (``nn.Linear`` or transformers' ``Conv1D``) and adds a
 low-rank update: ``y = base_layer(x) + ΔW x``. Subclasses say what ΔW is (:meth:`delta_weight`) and how to
-apply it to activations without forming it (:meth:`adapter_output`). Nothing here imports Lightning.
+apply it to activations without forming it (:meth:`unscaled_output` times :attr:`scaling`). Nothing here imports Lightning.
 """
 from __future__ import annotations
 
@@ -46,8 +46,13 @@ class AdapterLayer(nn.Module):
         """ΔW as a dense ``(d_out, d_in)`` matrix (used by merge and export)."""
         raise NotImplementedError
 
-    def adapter_output(self, x: Tensor) -> Tensor:
-        """ΔW x computed through the low-rank factors, without forming ΔW."""
+    @property
+    def scaling(self) -> float:
+        """The constant factor of ΔW (α / r for LoRA, α / r_init for SVD adapters)."""
+        raise NotImplementedError
+
+    def unscaled_output(self, x: Tensor) -> Tensor:
+        """ΔW x / scaling, computed through the low-rank factors without forming ΔW."""
         raise NotImplementedError
 
     def lora_factors(self) -> tuple[Tensor, Tensor, float]:
@@ -62,9 +67,9 @@ class AdapterLayer(nn.Module):
         out = self.base_layer(x)
         if self.merged or self.disabled:
             return out
-        # In place: neither the base layer's backward nor the addition's needs ``out``, and this saves one
-        # activation-sized allocation per adapted layer and step.
-        return out.add_(self.adapter_output(x).to(out.dtype))
+        # One in-place scaled add: neither the base layer's backward nor the addition's needs ``out``, so this
+        # saves an activation-sized multiply and allocation per adapted layer and step.
+        return out.add_(self.unscaled_output(x).to(out.dtype), alpha=self.scaling)
 
     @torch.no_grad()
     def _add_to_base(self, sign: float) -> None:

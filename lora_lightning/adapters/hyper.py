@@ -163,10 +163,10 @@ class HyperLoRALinear(HyperMixin, LoRALinear):
         g = self.generated()
         return g["lora_A"], g["lora_B"], self.scaling
 
-    def adapter_output(self, x: Tensor) -> Tensor:
+    def unscaled_output(self, x: Tensor) -> Tensor:
         g = self.generated()
         x = self.dropout(x).to(g["lora_A"].dtype)
-        return F.linear(F.linear(x, g["lora_A"]), g["lora_B"]) * self.scaling
+        return F.linear(F.linear(x, g["lora_A"]), g["lora_B"])
 
 
 def matrix_keys(name: str) -> tuple[int, str]:

@@ -52,9 +52,9 @@ class LoRALinear(AdapterLayer):
     def lora_factors(self) -> tuple[Tensor, Tensor, float]:
         return self.lora_A, self.lora_B, self.scaling
 
-    def adapter_output(self, x: Tensor) -> Tensor:
+    def unscaled_output(self, x: Tensor) -> Tensor:
         x = self.dropout(x).to(self.lora_A.dtype)
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}"

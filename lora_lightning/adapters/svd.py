@@ -54,10 +54,10 @@ class SVDLinear(AdapterLayer):
         kept = self.rank_mask.nonzero().squeeze(1)
         return q[kept] * singular_values[kept].unsqueeze(1), p[:, kept], self.scaling
 
-    def adapter_output(self, x: Tensor) -> Tensor:
+    def unscaled_output(self, x: Tensor) -> Tensor:
         p, singular_values, q = self.factors()
         x = self.dropout(x).to(q.dtype)
-        return F.linear(F.linear(x, q * singular_values.unsqueeze(1)), p) * self.scaling
+        return F.linear(F.linear(x, q * singular_values.unsqueeze(1)), p)
 
     def extra_repr(self) -> str:
         return f"max_rank={self.max_rank}, alpha={self.alpha}"

@@ -12,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
@@ -24,7 +25,7 @@ from lora_lightning.adapters.base import (
     set_trainable,
 )
 from lora_lightning.backbone import load_backbone
-from lora_lightning.checkpoint import read_checkpoint
+from lora_lightning.checkpoint import SafeCheckpointIO, read_checkpoint
 from lora_lightning.modules.tasks import Task
 from lora_lightning.modules.tasks import build_task as make_task
 
@@ -168,6 +169,9 @@ class AdapterModule(L.LightningModule):
 
     # ----------------------------------------------------------------- data link
     def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is not None and type(strategy.checkpoint_io) is TorchCheckpointIO:
+            strategy.checkpoint_io = SafeCheckpointIO()  # a damaged ckpt_path becomes a clear error (runs before restore)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_labels = getattr(datamodule, "num_labels", None)
         if self.hparams.task == "sequence-classification" and data_labels is not None:

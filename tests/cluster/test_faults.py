@@ -148,3 +148,19 @@ def test_export_folder_with_a_missing_or_damaged_file_is_a_clear_error(trained, 
         export.read_peft_export(broken)
     with pytest.raises(export.ExportReadError, match="does not exist"):
         export.read_peft_export(tmp_path / "nowhere")
+
+
+def test_damaged_checkpoint_given_to_trainer_fit_from_python_is_a_clear_error(trained, tmp_path, tiny_bert):
+    import lightning as L
+
+    from lora_lightning.data import TextClassificationDataModule
+
+    _, last = trained
+    data = TextClassificationDataModule(backbone=tiny_bert, source="rotten_tomatoes", max_train_samples=16,
+                                        max_eval_samples=8, max_length=16, batch_size=8, num_labels=2)
+    for damaged in damaged_copies(last, tmp_path):
+        trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, default_root_dir=tmp_path)
+        with pytest.raises(CheckpointReadError, match=f"'{damaged}' cannot be read .*truncated or corrupted"):
+            trainer.fit(LoRAModule(backbone=tiny_bert, rank=2), data, ckpt_path=damaged)
+        assert trainer.global_step == 0
