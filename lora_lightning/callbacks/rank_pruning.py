@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lora_lightning.allocation.budget import BudgetSchedule, resolve_steps, top_b_masks
 from lora_lightning.allocation.importance import ImportanceTracker, RankUnit
-from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary, write_rank_pattern
+from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary, report_folder, write_rank_pattern
 
 log = logging.getLogger(__name__)
 
@@ -229,15 +229,15 @@ class RankPruningScheduler(Callback):
         if not trainer.is_global_zero:
             return
         ranks = self.kept_ranks(self.units(pl_module))
-        folder = self.report_dir
-        if folder is None:
-            ckpt = trainer.checkpoint_callback
-            folder = getattr(ckpt, "dirpath", None) or trainer.default_root_dir
-        path = write_rank_pattern(Path(folder) / "rank_pattern.json", ranks, extra={
-            "step": trainer.global_step, "final": self.finalised, "target_r": self.target_r,
-            "skipped_steps": self.skipped_steps,
-        })
-        print(rank_summary(ranks, title=f"AdaLoRA kept ranks (step {trainer.global_step}; pattern written to {path})"))
+        folder = self.report_dir or report_folder(trainer)
+        where = "not written: no checkpoint or log folder"
+        if folder is not None:
+            path = write_rank_pattern(Path(folder) / "rank_pattern.json", ranks, extra={
+                "step": trainer.global_step, "final": self.finalised, "target_r": self.target_r,
+                "skipped_steps": self.skipped_steps,
+            })
+            where = f"pattern written to {path}"
+        print(rank_summary(ranks, title=f"AdaLoRA kept ranks (step {trainer.global_step}; {where})"))
 
     # ----------------------------------------------------------------- state
     def __getstate__(self) -> dict[str, Any]:  # picklable for ddp_spawn: the module reference stays behind

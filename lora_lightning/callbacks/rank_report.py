@@ -86,6 +86,17 @@ def log_rank_heatmap(logger: Any, ranks: dict[str, int], step: int, tag: str = "
     return True
 
 
+def report_folder(trainer: Any) -> str | None:
+    """Where a run's rank outputs go: beside its checkpoints, else in its logger's folder, else nowhere (never the
+    working directory by default)."""
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None and checkpoint.dirpath:
+        return checkpoint.dirpath
+    if trainer.loggers and trainer.log_dir:
+        return trainer.log_dir
+    return None
+
+
 def write_rank_pattern(path: str | os.PathLike, ranks: dict[str, int], extra: dict[str, Any] | None = None) -> Path:
     """Write ``{"rank_pattern": {module: rank}, ...extra}`` as JSON (through a temporary file and a rename)."""
     path = Path(path)

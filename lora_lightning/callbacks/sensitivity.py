@@ -25,7 +25,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from lora_lightning.allocation.sensitivity import build_estimator, check_estimator_name
-from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary, write_rank_pattern
+from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary, report_folder, write_rank_pattern
 
 log = logging.getLogger(__name__)
 JSON_NAME = "sensitivity_allocation.json"
@@ -179,11 +179,7 @@ class HessianSensitivityEstimator(L.Callback):
             return
         for logger in trainer.loggers:
             log_rank_heatmap(logger, pl_module.allocation, step=0, tag="sensitivity_lora/ranks")
-        folder = None
-        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
-            folder = trainer.checkpoint_callback.dirpath
-        elif trainer.loggers and trainer.log_dir:  # no checkpoints and no logger: nothing is written
-            folder = trainer.log_dir
+        folder = report_folder(trainer)
         if folder is not None:
             path = write_rank_pattern(Path(folder) / JSON_NAME, pl_module.allocation, self.report)
             log.info("Sensitivity-LoRA allocation written to %s", path)

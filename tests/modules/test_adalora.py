@@ -142,13 +142,13 @@ def test_forward_equals_backbone_at_init_and_units_cover_every_adapter(tiny_bert
 def test_fit_prunes_to_exact_target_logs_losses_and_writes_rank_pattern(tiny_bert, tmp_path):
     module = AdaLoRAModule(backbone=tiny_bert, init_r=4, target_r=2, tinit=2, tfinal=3, delta_t=2,
                            target_modules=TARGETS, learning_rate=1e-2)
-    t = trainer(max_steps=14, default_root_dir=tmp_path)
+    t = trainer(max_steps=14, default_root_dir=tmp_path, enable_checkpointing=True)
     t.fit(module, loader(14), loader(2, seed=100))
     schedulers = [cb for cb in t.callbacks if isinstance(cb, RankPruningScheduler)]
     assert len(schedulers) == 1 and schedulers[0].finalised and schedulers[0].step == 14
     ranks = module.rank_pattern()
     assert sum(ranks.values()) == 2 * len(ranks)
-    written = json.loads((tmp_path / "rank_pattern.json").read_text())
+    written = json.loads((tmp_path / "checkpoints" / "rank_pattern.json").read_text())  # beside the checkpoints
     assert written["rank_pattern"] == ranks and written["final"] is True
     metrics = t.callback_metrics
     assert metrics["train/budget"].item() == 2 * len(ranks)
