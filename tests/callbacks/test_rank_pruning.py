@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from tests.helpers import random_batch
+from tests.helpers import batch_loader, quiet_trainer
 from lora_lightning.allocation.importance import RankUnit
 from lora_lightning.callbacks import RankPruningScheduler
 from lora_lightning.callbacks.rank_report import (
@@ -28,14 +28,6 @@ from lora_lightning.modules import AdaLoRAModule
 TARGETS = ["query", "value", "dense"]
 
 
-def loader(n: int, seed: int = 0):
-    return torch.utils.data.DataLoader([random_batch(seed=seed + i) for i in range(n)], batch_size=None)
-
-
-def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, enable_progress_bar=False, logger=False, enable_model_summary=False,
-                    enable_checkpointing=False)
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 def adalora(tiny_bert, **kwargs) -> AdaLoRAModule:
@@ -68,8 +60,8 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_bert, monkeypatch):
         return original(self, pl_module, step, trainer)
 
     monkeypatch.setattr(RankPruningScheduler, "allocate", counting)
-    t = trainer(max_epochs=1, accumulate_grad_batches=3)
-    t.fit(module, loader(24))
+    t = quiet_trainer(max_epochs=1, accumulate_grad_batches=3)
+    t.fit(module, batch_loader(24))
     sched = scheduler_of(t)
     assert t.global_step == 8 and sched.schedule.total_step == 8  # estimated_stepping_batches, not 24 batches
     assert updates == list(range(1, 9))
@@ -96,8 +88,8 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_pruning_proceeds(tiny_b
     torch.manual_seed(0)
     module = SkipNonFinite(backbone=tiny_bert, init_r=4, target_r=2, tinit=1, tfinal=3, delta_t=1,
                            target_modules=TARGETS, learning_rate=1e-2)
-    t = trainer(max_steps=12)
-    t.fit(module, loader(12))
+    t = quiet_trainer(max_steps=12)
+    t.fit(module, batch_loader(12))
     sched = scheduler_of(t)
     assert sched.skipped_steps == 1
     ema = {**sched.importance.exp_avg_ipt, **sched.importance.exp_avg_unc}
@@ -110,8 +102,8 @@ def test_bf16_mixed_trains_and_logs_heatmaps(tiny_bert, tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     module = adalora(tiny_bert)
-    t = trainer(max_steps=10, precision="bf16-mixed", logger=TensorBoardLogger(tmp_path), log_every_n_steps=1)
-    t.fit(module, loader(10))
+    t = quiet_trainer(max_steps=10, precision="bf16-mixed", logger=TensorBoardLogger(tmp_path), log_every_n_steps=1)
+    t.fit(module, batch_loader(10))
     sched = scheduler_of(t)
     assert sched.finalised and total_kept(module) == 2 * len(module.adapters)
     assert all(v.dtype == torch.float32 for v in sched.importance.exp_avg_ipt.values())
@@ -136,8 +128,8 @@ def test_resume_mid_budget_phase_matches_uninterrupted_run(tiny_bert, tmp_path):
         full = adalora(tiny_bert, tinit=2, tfinal=4)
         ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1, filename="{step}",
                                save_on_train_epoch_end=True)
-        t1 = trainer(max_epochs=2, callbacks=[ckpt], enable_checkpointing=True)
-        t1.fit(full, loader(8))
+        t1 = quiet_trainer(max_epochs=2, callbacks=[ckpt], enable_checkpointing=True)
+        t1.fit(full, batch_loader(8))
         mid = tmp_path / "ckpt" / "step=8.ckpt"
         state = torch.load(mid, weights_only=False)
         sched_state = next(v for k, v in state["callbacks"].items() if "RankPruningScheduler" in k)
@@ -146,8 +138,8 @@ def test_resume_mid_budget_phase_matches_uninterrupted_run(tiny_bert, tmp_path):
         assert 2 * len(full.adapters) < kept_mid < 4 * len(full.adapters)  # really mid-budget
 
         resumed = adalora(tiny_bert, tinit=2, tfinal=4)
-        t2 = trainer(max_epochs=2)
-        t2.fit(resumed, loader(8), ckpt_path=mid)
+        t2 = quiet_trainer(max_epochs=2)
+        t2.fit(resumed, batch_loader(8), ckpt_path=mid)
         assert t2.global_step == 16
         assert resumed.rank_pattern() == full.rank_pattern()
         a, b = adapter_tensors(full), adapter_tensors(resumed)
@@ -184,9 +176,9 @@ class RecordEvents(Callback):
 def test_ddp_two_processes_have_identical_masks_and_importance(tiny_bert, tmp_path):
     module = adalora(tiny_bert, tinit=1, tfinal=2, delta_t=1)
     recorder = RecordEvents(str(tmp_path))
-    t = trainer(max_steps=8, strategy="ddp_spawn", devices=2, callbacks=[RankPruningScheduler(tinit=1, tfinal=2),
+    t = quiet_trainer(max_steps=8, strategy="ddp_spawn", devices=2, callbacks=[RankPruningScheduler(tinit=1, tfinal=2),
                                                                           recorder])
-    t.fit(module, loader(16))
+    t.fit(module, batch_loader(16))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert sorted(r0) == sorted(r1) == list(range(2, 7))
     for step in r0:

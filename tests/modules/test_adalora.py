@@ -6,12 +6,11 @@ import json
 import warnings
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from tests.helpers import random_batch
+from tests.helpers import batch_loader, quiet_trainer, random_batch
 from lora_lightning.allocation.budget import top_b_masks
 from lora_lightning.allocation.importance import ImportanceTracker, RankUnit
 from lora_lightning.callbacks import RankPruningScheduler
@@ -22,14 +21,6 @@ peft = pytest.importorskip("peft")
 TARGETS = ["query", "key", "value", "dense"]
 
 
-def loader(n: int, seed: int = 0):
-    return torch.utils.data.DataLoader([random_batch(seed=seed + i) for i in range(n)], batch_size=None)
-
-
-def trainer(**kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, enable_progress_bar=False, logger=False, enable_model_summary=False,
-                    enable_checkpointing=False)
-    return L.Trainer(**{**defaults, **kwargs})
 
 
 # ----------------------------------------------------------------- parity with PEFT
@@ -142,8 +133,8 @@ def test_forward_equals_backbone_at_init_and_units_cover_every_adapter(tiny_bert
 def test_fit_prunes_to_exact_target_logs_losses_and_writes_rank_pattern(tiny_bert, tmp_path):
     module = AdaLoRAModule(backbone=tiny_bert, init_r=4, target_r=2, tinit=2, tfinal=3, delta_t=2,
                            target_modules=TARGETS, learning_rate=1e-2)
-    t = trainer(max_steps=14, default_root_dir=tmp_path, enable_checkpointing=True)
-    t.fit(module, loader(14), loader(2, seed=100))
+    t = quiet_trainer(max_steps=14, default_root_dir=tmp_path, enable_checkpointing=True)
+    t.fit(module, batch_loader(14), batch_loader(2, seed=100))
     schedulers = [cb for cb in t.callbacks if isinstance(cb, RankPruningScheduler)]
     assert len(schedulers) == 1 and schedulers[0].finalised and schedulers[0].step == 14
     ranks = module.rank_pattern()
@@ -156,15 +147,15 @@ def test_fit_prunes_to_exact_target_logs_losses_and_writes_rank_pattern(tiny_ber
         metrics["train/task_loss"].item() + metrics["train/orth_reg"].item(), rel=1e-5)
     # validation loss is the task loss alone
     module.eval()
-    expected = sum(module.task.loss(module(b), b).item() for b in loader(2, seed=100)) / 2
-    assert t.validate(module, loader(2, seed=100), verbose=False)[0]["val/loss"] == pytest.approx(expected, rel=1e-5)
+    expected = sum(module.task.loss(module(b), b).item() for b in batch_loader(2, seed=100)) / 2
+    assert t.validate(module, batch_loader(2, seed=100), verbose=False)[0]["val/loss"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_user_configured_scheduler_is_kept(tiny_bert):
     module = AdaLoRAModule(backbone=tiny_bert, init_r=4, target_r=2, target_modules=["query"])
     mine = RankPruningScheduler(tinit=1, tfinal=1)
-    t = trainer(max_steps=4, callbacks=[mine])
-    t.fit(module, loader(4))
+    t = quiet_trainer(max_steps=4, callbacks=[mine])
+    t.fit(module, batch_loader(4))
     assert [cb for cb in t.callbacks if isinstance(cb, RankPruningScheduler)] == [mine]
     assert mine.finalised and sum(module.rank_pattern().values()) == 2 * 2
 
@@ -173,7 +164,7 @@ def test_equal_ranks_warn_once_and_never_prune(tiny_bert):
     module = AdaLoRAModule(backbone=tiny_bert, init_r=3, target_r=3, target_modules=["query"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer(max_steps=3).fit(module, loader(3))
+        quiet_trainer(max_steps=3).fit(module, batch_loader(3))
     assert len([w for w in caught if "nothing to prune" in str(w.message)]) == 1
     assert all(r == 3 for r in module.rank_pattern().values())
 
@@ -197,9 +188,9 @@ def test_bad_input_is_rejected_at_construction(tiny_bert, kwargs, match):
 def test_schedule_that_does_not_fit_the_trainer_run_fails_before_training(tiny_bert):
     module = AdaLoRAModule(backbone=tiny_bert, init_r=4, target_r=2, tinit=3, tfinal=3, target_modules=["query"])
     before = {k: v.clone() for k, v in module.state_dict().items() if "lora_" in k}
-    t = trainer(max_steps=6)
+    t = quiet_trainer(max_steps=6)
     with pytest.raises(ValueError, match="does not fit the run"):
-        t.fit(module, loader(6))
+        t.fit(module, batch_loader(6))
     assert t.global_step == 0
     assert all(torch.equal(v, module.state_dict()[k]) for k, v in before.items())
 
