@@ -213,3 +213,11 @@ def test_hyperlora_init_equals_lora_and_exports(tiny_bert, tmp_path):
 def test_bad_mode_fails_at_construction(tiny_bert):
     with pytest.raises(ValueError, match="Unknown hypernet mode"):
         hyper(tiny_bert, "sideways")
+
+
+@pytest.mark.parametrize("hypernet_lr, expected", [(None, 0.1 * 4e-3), (2e-3, 2e-3)])
+def test_hypernet_param_group_learning_rate(tiny_bert, hypernet_lr, expected):
+    module = hyper(tiny_bert, "residual", learning_rate=4e-3, hypernet_lr=hypernet_lr)
+    groups = {g["name"]: g for g in module.param_groups()}
+    assert groups["hypernet"]["lr"] == pytest.approx(expected)
+    assert {id(p) for p in groups["hypernet"]["params"]} == {id(p) for p in module.hypernet.parameters()}
