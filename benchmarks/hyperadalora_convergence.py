@@ -4,10 +4,14 @@ MiniLM (packaged alias ``minilm``) on Rotten Tomatoes, every contender on the sa
 same validation subset, several seeds; validation every ``--val-every`` optimiser steps. Reported per contender
 (medians over seeds): optimiser steps and training wall-clock to reach a target validation accuracy (``--target-frac``
 × AdaLoRA's median final accuracy), final accuracy, median per-step time (validation excluded), and ratios against
-AdaLoRA. Writes ``benchmarks/results/hyperadalora_convergence.{json,md,png}``.
+AdaLoRA. AdaLoRA and HyperAdaLoRA train at ``--lr``, LoRA and HyperLoRA at ``--lora-lr``, every generator at
+``--hypernet-lr-ratio`` × its contender's rate. Writes ``benchmarks/results/<name>.{json,md,png}``.
 
-    python benchmarks/hyperadalora_convergence.py                      # the committed numbers (~25 min, 2 cores)
+    python benchmarks/hyperadalora_convergence.py                      # the committed setup (~1 h on 2 cores)
     python benchmarks/hyperadalora_convergence.py --steps 20 --seeds 0 # a smoke run
+    python benchmarks/hyperadalora_convergence.py --seeds 1 2 --only LoRA AdaLoRA --name part_a   # in parallel with
+    python benchmarks/hyperadalora_convergence.py --seeds 1 2 --only HyperLoRA --name part_b      # another part, then
+    python benchmarks/hyperadalora_convergence.py --merge benchmarks/results/part_a.json benchmarks/results/part_b.json
 """
 from __future__ import annotations
 
@@ -38,17 +42,22 @@ TARGETS = ["query", "key", "value", "dense"]
 
 
 def contenders(args) -> dict[str, tuple[type, dict]]:
-    common = dict(backbone="minilm", target_modules=TARGETS, learning_rate=args.lr, warmup_ratio=0.06)
-    ada = dict(init_r=args.init_r, target_r=args.target_r, alpha=args.alpha, orth_reg_weight=0.1,
-               tinit=0.1, tfinal=0.2, delta_t=10)
-    hyper = dict(hypernet_lr=args.hypernet_lr, hypernet_warmup=args.hypernet_warmup)
+    lora_lr = args.lora_lr or args.lr  # results written before --lora-lr existed have None
+    common = dict(backbone="minilm", target_modules=TARGETS, warmup_ratio=0.06)
+    ada = dict(common, learning_rate=args.lr, init_r=args.init_r, target_r=args.target_r, alpha=args.alpha,
+               orth_reg_weight=0.1, tinit=0.1, tfinal=0.2, delta_t=10)
+    lora = dict(common, learning_rate=lora_lr, rank=args.target_r, alpha=args.alpha)
+
+    def hyper(lr: float, mode: str) -> dict:
+        return dict(hypernet_lr=args.hypernet_lr_ratio * lr, hypernet_warmup=args.hypernet_warmup, mode=mode)
+
     table = {
-        "LoRA": (LoRAModule, dict(common, rank=args.target_r, alpha=args.alpha)),
-        "AdaLoRA": (AdaLoRAModule, dict(common, **ada)),
-        "HyperAdaLoRA-residual": (HyperAdaLoRAModule, dict(common, **ada, **hyper, mode="residual")),
-        "HyperAdaLoRA-recurrent": (HyperAdaLoRAModule, dict(common, **ada, **hyper, mode="recurrent")),
-        "HyperAdaLoRA-seeded": (HyperAdaLoRAModule, dict(common, **ada, **hyper, mode="seeded")),
-        "HyperLoRA": (HyperLoRAModule, dict(common, **hyper, rank=args.target_r, alpha=args.alpha, mode="residual")),
+        "LoRA": (LoRAModule, lora),
+        "AdaLoRA": (AdaLoRAModule, ada),
+        "HyperAdaLoRA-residual": (HyperAdaLoRAModule, dict(ada, **hyper(args.lr, "residual"))),
+        "HyperAdaLoRA-recurrent": (HyperAdaLoRAModule, dict(ada, **hyper(args.lr, "recurrent"))),
+        "HyperAdaLoRA-seeded": (HyperAdaLoRAModule, dict(ada, **hyper(args.lr, "seeded"))),
+        "HyperLoRA": (HyperLoRAModule, dict(lora, **hyper(lora_lr, "residual"))),
     }
     return {k: v for k, v in table.items() if not args.only or k in args.only}
 
@@ -133,16 +142,18 @@ def med(values):
     return statistics.median(values) if values else None
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=240)
-    parser.add_argument("--val-every", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--val-every", type=int, default=25)
     parser.add_argument("--val-samples", type=int, default=400)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--hypernet-lr", type=float, default=None)
+    parser.add_argument("--lr", type=float, default=5e-3, help="AdaLoRA and HyperAdaLoRA learning rate")
+    parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA and HyperLoRA learning rate")
+    parser.add_argument("--hypernet-lr-ratio", type=float, default=0.1,
+                        help="hypernet_lr = this × the contender's learning rate")
     parser.add_argument("--hypernet-warmup", type=float, default=0.05)
     parser.add_argument("--init-r", type=int, default=12)
     parser.add_argument("--target-r", type=int, default=8)
@@ -151,14 +162,19 @@ def main(argv=None) -> None:
     parser.add_argument("--target-acc", type=float, default=None,
                         help="an absolute target accuracy instead of --target-frac × the reference's final accuracy")
     parser.add_argument("--only", nargs="*", default=None)
-    parser.add_argument("--merge", nargs="+", default=None,
-                        help="combine result JSONs of runs over disjoint seeds (run in parallel) into one report")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON[:NAME,...]",
+                        help="combine result JSONs of runs over disjoint seeds or contenders (run in parallel) into "
+                             "one report; ':NAME,...' takes only those contenders from a file")
     parser.add_argument("--step-time", type=int, default=0, metavar="ROUNDS",
                         help="instead: time training steps of every contender round-robin (common.interleaved_times)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--name", default="hyperadalora_convergence")
     parser.add_argument("--workdir", default="/tmp/hyperadalora_convergence")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -221,25 +237,51 @@ def step_time(args) -> None:
     write_results(f"{args.name}_step_time", {"args": vars(args), "results": payload}, markdown)
 
 
+def contender_settings(file_args: dict, name: str) -> dict:
+    """The constructor arguments a result file's run gave contender ``name``. Files written before
+    ``--lora-lr``/``--hypernet-lr-ratio`` existed used ``--lr`` for every contender and an absolute
+    ``--hypernet-lr`` (None: the contender's lr)."""
+    values = {**vars(build_parser().parse_args([])), **file_args, "only": None}
+    if "hypernet_lr_ratio" not in file_args:
+        values["lora_lr"] = None
+        old = file_args.get("hypernet_lr")
+        values["hypernet_lr_ratio"] = 1.0 if old is None else round(old / file_args["lr"], 12)
+    cls, kwargs = contenders(argparse.Namespace(**values))[name]
+    return {"class": cls.__name__, **kwargs}
+
+
 def merge(args) -> None:
+    """Combine result files; refuses contenders whose settings differ between files (other lr, ratio, ...)."""
     import json
 
     runs: dict[str, list[dict]] = {}
+    settings: dict[str, dict] = {}
     seeds = []
-    for path in args.merge:
+    for spec in args.merge:
+        path, _, names = spec.partition(":")
         data = json.loads(Path(path).read_text())
+        wanted = names.split(",") if names else list(data["results"])
+        missing = [n for n in wanted if n not in data["results"]]
+        if missing:
+            raise SystemExit(f"{path} has no results for {missing}; it has {list(data['results'])}.")
         seeds += data.get("seeds_done") or data["args"]["seeds"]
-        for name, row in data["results"].items():
+        for name in wanted:
+            these = contender_settings(data["args"], name)
+            if settings.setdefault(name, these) != these:
+                raise SystemExit(f"{name} in {path} ran with {these}, elsewhere with {settings[name]}: not mergeable.")
+            row = data["results"][name]
             per_seed = row.get("step_ms_per_seed") or [row["step_ms"]] * len(row["curves"])
             for curve, ms in zip(row["curves"], per_seed):
                 runs.setdefault(name, []).append({"curve": [tuple(c) for c in curve], "step_times": [ms / 1e3]})
         for key in ("steps", "val_every", "val_samples", "batch_size", "max_length", "target_frac"):
             setattr(args, key, data["args"][key])
     args.seeds = sorted(set(seeds))  # files may split one seed's contenders
-    report(runs, args, args.seeds)
+    report(runs, args, args.seeds, settings)
 
 
-def report(runs, args, seeds) -> None:
+def report(runs, args, seeds, settings: dict[str, dict] | None = None) -> None:
+    if settings is None:
+        settings = {name: {"class": cls.__name__, **kwargs} for name, (cls, kwargs) in contenders(args).items()}
     reference = "AdaLoRA" if "AdaLoRA" in runs else next(iter(runs))
     ref_final = med([r["curve"][-1][1] for r in runs[reference]])
     target = args.target_acc if args.target_acc is not None else args.target_frac * ref_final
@@ -278,18 +320,21 @@ def report(runs, args, seeds) -> None:
         f"{len(seeds)} seeds ({seeds}), {args.steps} steps, batch {args.batch_size}, seq {args.max_length}, "
         f"validation on {args.val_samples} examples every {args.val_every} steps. Medians over seeds.",
         "",
-        "| method | final acc | Δ vs AdaLoRA (pt) | steps to target | × AdaLoRA | s to target | × AdaLoRA "
-        "| ms/step | × AdaLoRA | seeds reaching |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | lr (hypernet) | final acc | Δ vs AdaLoRA (pt) | steps to target | × AdaLoRA | s to target "
+        "| × AdaLoRA | ms/step | × AdaLoRA | seeds reaching |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
+        lr, hyper_lr = settings[name]["learning_rate"], settings[name].get("hypernet_lr")
         lines.append(
-            f"| {name} | {r['final_acc']:.4f} | {r['final_acc_delta_pt']:+.2f} | {fmt(r['steps_to_target'], '.0f')} "
+            f"| {name} | {lr:g}" + (f" ({hyper_lr:g})" if hyper_lr is not None else "") + f" | {r['final_acc']:.4f} | {r['final_acc_delta_pt']:+.2f} | {fmt(r['steps_to_target'], '.0f')} "
             f"| {fmt(r['steps_ratio'], '.2f')} | {fmt(r['seconds_to_target'], '.1f')} | {fmt(r['time_ratio'], '.2f')} "
             f"| {r['step_ms']:.0f} | {r['step_time_ratio']:.2f} | {r['reached']}/{r['seeds']} |"
         )
     markdown = "\n".join(lines)
     print(markdown)
+    for name, row in rows.items():
+        row["settings"] = settings[name]
     payload = {"args": vars(args), "seeds_done": seeds, "target_accuracy": target, "reference": reference, "results": rows}
     write_results(args.name, payload, markdown)
     plot(rows, target, Path(__file__).resolve().parent / "results" / f"{args.name}.png")
