@@ -325,9 +325,11 @@ def report(runs, args, seeds, settings: dict[str, dict] | None = None) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        lr, hyper_lr = settings[name]["learning_rate"], settings[name].get("hypernet_lr")
+        hyper_lr = settings[name].get("hypernet_lr")
+        lrs = f"{settings[name]['learning_rate']:g}" + (f" ({hyper_lr:g})" if hyper_lr is not None else "")
         lines.append(
-            f"| {name} | {lr:g}" + (f" ({hyper_lr:g})" if hyper_lr is not None else "") + f" | {r['final_acc']:.4f} | {r['final_acc_delta_pt']:+.2f} | {fmt(r['steps_to_target'], '.0f')} "
+            f"| {name} | {lrs} | {r['final_acc']:.4f} | {r['final_acc_delta_pt']:+.2f} "
+            f"| {fmt(r['steps_to_target'], '.0f')} "
             f"| {fmt(r['steps_ratio'], '.2f')} | {fmt(r['seconds_to_target'], '.1f')} | {fmt(r['time_ratio'], '.2f')} "
             f"| {r['step_ms']:.0f} | {r['step_time_ratio']:.2f} | {r['reached']}/{r['seeds']} |"
         )

@@ -28,7 +28,7 @@ HYPERNET_GROUP = "hypernet"
 # Default hypernet_lr = this × learning_rate. The generators' zero-initialised output projections move every
 # generated entry by about lr × Σ|hidden| per Adam step, tens of times a directly optimised factor's step: at
 # ratio 1 HyperAdaLoRA diverged, at 0.6 it sat at the majority class for 200 of 300 steps, HyperLoRA diverged at
-# 0.3; 0.1 trained every contender that trains at all (README, "What the convergence benchmark showed").
+# 0.3; 0.1 is the largest ratio tried at which both trained (README, "What the convergence benchmark showed").
 DEFAULT_HYPERNET_LR_RATIO = 0.1
 
 
@@ -97,7 +97,7 @@ class HyperAdaLoRAModule(_HypernetMixin, AdaLoRAModule):
             generators trained), ``seeded`` (frozen random base, generators trained); see ``adapters/hyper.py``.
         hypernet_hidden / hypernet_heads: width and heads of each generator's encoder layer.
         hypernet_lr: learning rate of the ``hypernet`` param group (default: ``DEFAULT_HYPERNET_LR_RATIO`` (0.1)
-            × ``learning_rate``, the ratio our convergence benchmark found stable).
+            × ``learning_rate``, the largest ratio that trained in our convergence benchmark).
         hypernet_warmup: steps (int) or run fraction (float) over which that LR ramps up (HypernetWarmup).
         (everything else: see :class:`~lora_lightning.modules.adalora.AdaLoRAModule`)
     """
