@@ -97,15 +97,16 @@ def main() -> None:
         mean, spread = statistics.mean(accs), statistics.stdev(accs) if len(accs) > 1 else 0.0
         summary[method] = {"mean_accuracy": mean, "std_accuracy": spread, "accuracies": accs}
         rows.append([label, len(accs), f"{mean:.4f}", f"{spread:.4f}", ", ".join(f"{a:.4f}" for a in accs)])
-    ada = [r for r in runs if r["method"] == "adalora"] or [{"total_rank": 0, "modules": 0, "min_rank": 0,
-                                                             "max_rank": 0}]
+    ada = [r for r in runs if r["method"] == "adalora"]
+    budget = (f"\n\nAdaLoRA final budget: {ada[0]['total_rank']} ranks over {ada[0]['modules']} matrices "
+              f"(per-matrix ranks from {min(r['min_rank'] for r in ada)} to {max(r['max_rank'] for r in ada)}).\n"
+              if ada else "\n")
     markdown = (
         "# AdaLoRA vs LoRA: MiniLM on Rotten Tomatoes\n\n"
         f"{args.steps} optimiser steps, batch 16, seq 64, all linear layers; validation accuracy on "
         f"{args.eval_samples} held-out samples; seeds {args.seeds}. CPU, torch {torch.__version__}.\n\n"
         + markdown_table(["method", "seeds", "mean acc", "std", "per seed"], rows, align="lrrrl")
-        + f"\n\nAdaLoRA final budget: {ada[0]['total_rank']} ranks over {ada[0]['modules']} matrices "
-        f"(per-matrix ranks from {min(r['min_rank'] for r in ada)} to {max(r['max_rank'] for r in ada)}).\n"
+        + budget
     )
     print(markdown)
     write_results(args.name, {"settings": vars(args), "summary": summary, "runs": runs,

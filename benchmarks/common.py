@@ -65,6 +65,26 @@ def interleaved_times(
     return times
 
 
+def module_training_step(module: Any, batches: Sequence[Mapping[str, Any]], optimizer: Any,
+                         after_step: Callable[[], None] | None = None) -> Callable[[int], None]:
+    """A closure running training step ``i`` of a lora-lightning module on ``batches[i % len]``: the task loss plus
+    the method's extra losses (AdaLoRA's orthogonal regulariser), backward, optimiser step, then ``after_step``
+    (e.g. HyperAdaLoRA's recurrent update) — what ``training_step`` does, without Lightning's loop around it."""
+    module.train()
+
+    def step(i: int) -> None:
+        batch = batches[i % len(batches)]
+        loss = module.task.loss(module(batch), batch)
+        extra = module.extra_losses()
+        (loss + sum(extra.values()) if extra else loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+
+    return step
+
+
 def summarize(seconds: Sequence[float]) -> dict[str, float]:
     """Median and spread of a list of durations, in milliseconds."""
     ms = sorted(s * 1e3 for s in seconds)

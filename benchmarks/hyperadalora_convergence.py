@@ -16,6 +16,7 @@ AdaLoRA. AdaLoRA and HyperAdaLoRA train at ``--lr``, LoRA and HyperLoRA at ``--l
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -92,11 +93,17 @@ class Recorder(Callback):
         self.curve.append((trainer.global_step, acc, sum(self.step_times)))
 
 
-def draw_batches(args, seed: int):
-    dm = TextClassificationDataModule(backbone="minilm", source="rotten_tomatoes", max_length=args.max_length,
-                                      batch_size=args.batch_size, eval_batch_size=100,
-                                      max_eval_samples=args.val_samples, seed=42)
+def datamodule(max_length: int, batch_size: int, val_samples: int) -> TextClassificationDataModule:
+    """Rotten Tomatoes for MiniLM, set up: the same validation subset (data seed 42) for every run."""
+    dm = TextClassificationDataModule(backbone="minilm", source="rotten_tomatoes", max_length=max_length,
+                                      batch_size=batch_size, eval_batch_size=100, max_eval_samples=val_samples,
+                                      seed=42)
     dm.setup("fit")
+    return dm
+
+
+def draw_batches(args, seed: int):
+    dm = datamodule(args.max_length, args.batch_size, args.val_samples)
     torch.manual_seed(1000 + seed)
     train, it = [], iter(dm.train_dataloader())
     while len(train) < args.steps:
@@ -120,12 +127,11 @@ def run_one(cls, kwargs, train, val, args, seed: int) -> dict:
     return {"curve": recorder.curve, "step_times": recorder.step_times[2:]}  # first steps: lazy init
 
 
-def majority(args) -> float:
-    """Accuracy of always predicting the most frequent label of the validation subset (the floor)."""
-    dm = TextClassificationDataModule(backbone="minilm", source="rotten_tomatoes", max_length=args.max_length,
-                                      batch_size=args.batch_size, eval_batch_size=100,
-                                      max_eval_samples=args.val_samples, seed=42)
-    dm.setup("fit")
+@functools.lru_cache
+def majority(max_length: int, batch_size: int, val_samples: int) -> float:
+    """Accuracy of always predicting the most frequent label of the validation subset (the floor); computed once
+    per data setting, not at every report."""
+    dm = datamodule(max_length, batch_size, val_samples)
     labels = torch.cat([b["labels"] for b in dm.val_dataloader()])
     return float(torch.bincount(labels).max()) / len(labels)
 
@@ -204,25 +210,16 @@ def main(argv=None) -> None:
 def step_time(args) -> None:
     """Median training-step time (forward, backward, optimiser step, rank scheduler excluded) per contender,
     contenders interleaved round by round so machine drift hits all alike; ratios are paired per round."""
-    from common import interleaved_times, paired_ratio, summarize
+    from common import interleaved_times, module_training_step, paired_ratio, summarize
 
     train, _ = draw_batches(args, 0)
     steps = {}
     for name, (cls, kwargs) in contenders(args).items():
         L.seed_everything(0, verbose=False)
-        module = cls(**kwargs).train()
-        optimizer = torch.optim.AdamW(module.param_groups(), lr=args.lr)
-
-        def one(i, module=module, optimizer=optimizer):
-            batch = train[i % len(train)]
-            loss = module.task.loss(module(batch), batch)
-            extra = module.extra_losses()
-            (loss + sum(extra.values()) if extra else loss).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            if getattr(module, "hypernet", None) is not None:
-                module.hypernet.recurrent_update()
-        steps[name] = one
+        module = cls(**kwargs)
+        hypernet = getattr(module, "hypernet", None)
+        steps[name] = module_training_step(module, train, torch.optim.AdamW(module.param_groups(), lr=args.lr),
+                                           after_step=hypernet.recurrent_update if hypernet is not None else None)
     times = interleaved_times(steps, steps=args.step_time, warmup=2)
     ref = "AdaLoRA"
     lines = ["| method | median ms/step | × AdaLoRA (paired) |", "|---|---|---|"]
@@ -316,7 +313,7 @@ def report(runs, args, seeds, settings: dict[str, dict] | None = None) -> None:
     lines = [
         (f"Target: accuracy {target:.4f} (absolute). " if args.target_acc is not None else
          f"Target: {args.target_frac:.0%} of {reference}'s median final accuracy = {target:.4f}. ") +
-        f"Validation majority-class accuracy: {majority(args):.4f}. "
+        f"Validation majority-class accuracy: {majority(args.max_length, args.batch_size, args.val_samples):.4f}. "
         f"{len(seeds)} seeds ({seeds}), {args.steps} steps, batch {args.batch_size}, seq {args.max_length}, "
         f"validation on {args.val_samples} examples every {args.val_every} steps. Medians over seeds.",
         "",

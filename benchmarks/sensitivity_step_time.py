@@ -21,7 +21,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import environment, interleaved_times, markdown_table, paired_ratio, reproduce_command, summarize, write_results  # noqa: E402,E501
+from benchmarks.common import (  # noqa: E402
+    environment, interleaved_times, markdown_table, module_training_step, paired_ratio, summarize, write_results,
+)
 from lora_lightning.data import TextClassificationDataModule  # noqa: E402
 from lora_lightning.modules import LoRAModule, SensitivityLoRAModule  # noqa: E402
 
@@ -35,19 +37,6 @@ def sensitivity_ranks(data: TextClassificationDataModule) -> dict[str, int]:
     L.Trainer(accelerator="cpu", max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               enable_model_summary=False, limit_val_batches=0).fit(module, data)
     return {name: layer.rank for name, layer in module.adapters.items()}
-
-
-def training_step(module: LoRAModule, batches: list[dict]):
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-    module.train()
-
-    def step(index: int) -> None:
-        loss = module(batches[index % len(batches)]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def main() -> None:
@@ -67,17 +56,18 @@ def main() -> None:
                                                              alpha=16, rank_pattern=ranks),
     }
     assert sum(ranks.values()) == 8 * len(ranks)
-    times = interleaved_times({name: training_step(m, batches) for name, m in contenders.items()}, args.steps, args.warmup)
+    steps = {name: module_training_step(m, batches, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad],
+                                                                        lr=1e-3))
+             for name, m in contenders.items()}
+    times = interleaved_times(steps, args.steps, args.warmup)
     reference = times["LoRA r=8"]
     rows = [[name, f"{summarize(t)['median_ms']:.1f}", f"{paired_ratio(t, reference):.3f}"] for name, t in times.items()]
     table = markdown_table(["contender", "median step ms", "ratio vs LoRA (paired)"], rows)
-    command = reproduce_command()
     markdown = (f"# Sensitivity-LoRA step time vs LoRA (MiniLM b16 s64, total rank 8 x {len(ranks)})\n\n{table}\n\n"
                 f"Ranks {min(ranks.values())}-{max(ranks.values())}; {args.steps} interleaved rounds after "
-                f"{args.warmup} warm-up rounds.\n\n```\n{command}\n```\n")
+                f"{args.warmup} warm-up rounds.\n")
     print(markdown)
-    write_results("sensitivity_step_time", {"times": times, "ranks": ranks, "environment": environment()}, markdown,
-                  command)
+    write_results("sensitivity_step_time", {"times": times, "ranks": ranks, "environment": environment()}, markdown)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ loss covers only the response and eos: labels are -100 on prompt tokens and on p
 """
 from __future__ import annotations
 
-
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lora_lightning.assets import packaged_file

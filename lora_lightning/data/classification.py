@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-
 from lora_lightning.data.base import TokenizedDataModule
 from lora_lightning.data.collate import ClassificationCollator, EncodedDataset
 from lora_lightning.data.files import check_file, read_table, require_columns
