@@ -1,6 +1,6 @@
 """Helpers shared by the benchmark scripts: interleaved timing, peak memory, Markdown tables, result files.
 
-Every script runs its contenders side by side in one process (DESIGN.md, "Benchmarks"); these helpers keep the
+Every script runs its contenders side by side in one process (benchmarks/README.md); these helpers keep the
 measurement rules identical across scripts:
 
 * :func:`interleaved_times` runs the contenders round-robin (warmup rounds first, not recorded), so drift on a

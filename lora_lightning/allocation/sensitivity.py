@@ -218,7 +218,7 @@ class ActivationEstimator:
 @contextmanager
 def base_weight_gradients(layers: Mapping[str, nn.Module]) -> Iterator[list[Tensor]]:
     """Inside the block only the base weights of ``layers`` require grad; everything is restored after.
-    Used before any optimiser or DDP wrapper exists (DESIGN.md: allocation before wrapping)."""
+    Used before any optimiser or DDP wrapper exists (docs/architecture.md: allocation before wrapping)."""
     weights = [layer.weight for layer in layers.values()]
     previous = [w.requires_grad for w in weights]
     for w in weights:
