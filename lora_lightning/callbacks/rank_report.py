@@ -1,35 +1,31 @@
 """Rank visibility shared by every adaptive-rank method: a ``{module_name: rank}`` dict becomes a layers × module-type
-grid, a TensorBoard heat-map image, a short printed summary and a JSON rank pattern.
+grid, a TensorBoard heat map (matplotlib, Agg backend), a short printed summary and a JSON rank pattern.
 
-Module names are split at their first integer component: ``bert.encoder.layer.3.attention.self.query`` is layer 3,
-type ``attention.self.query``; names without one go in a row of their own. No plotting library is needed: the heat
-map is drawn as a plain image tensor (one cell per module, brighter = more rank kept).
+Names are read by :func:`lora_lightning.adapters.names.module_position`: ``bert.encoder.layer.3.attention.self.query``
+is layer 3, type ``attention.self.query``; names without a layer index go in a row of their own (``-``).
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-_LAYER = re.compile(r"(?:^|\.)(\d+)\.(.+)$")
+from lora_lightning.adapters.names import module_position
 
-
-def split_module_name(name: str) -> tuple[str, str]:
-    """``(layer, module type)`` of a module name; layer is ``"-"`` when the name has no index."""
-    match = _LAYER.search(name)
-    if match is None:
-        return "-", name
-    return match.group(1), match.group(2)
+NO_LAYER = "-"
 
 
 def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[str], torch.Tensor]:
     """``(layers, module types, grid)``: grid[i, j] is the rank of layer i, type j (NaN where there is none)."""
-    cells = {split_module_name(name): rank for name, rank in ranks.items()}
-    layers = sorted({layer for layer, _ in cells}, key=lambda x: (x == "-", int(x) if x.isdigit() else 0))
+    positions = {name: module_position(name) for name in ranks}
+    cells = {(NO_LAYER if p.layer is None else str(p.layer), p.kind): ranks[name] for name, p in positions.items()}
+    layers = sorted({layer for layer, _ in cells}, key=lambda x: (x == NO_LAYER, int(x) if x.isdigit() else 0))
     types = list(dict.fromkeys(kind for _, kind in cells))
     grid = torch.full((len(layers), len(types)), float("nan"))
     for (layer, kind), rank in cells.items():
@@ -37,19 +33,34 @@ def rank_grid(ranks: dict[str, int]) -> tuple[list[str], list[str], torch.Tensor
     return layers, types, grid
 
 
-def heatmap_image(ranks: dict[str, int], max_rank: int | None = None, cell: int = 12) -> torch.Tensor:
-    """A ``(3, H, W)`` float image in [0, 1]: rows are layers, columns module types; dark blue = rank 0, yellow =
-    ``max_rank``; grey = no module."""
-    _, _, grid = rank_grid(ranks)
-    top = max_rank or max(1.0, float(torch.nan_to_num(grid, nan=0.0).max()))
-    value = (grid / top).clamp(0, 1)
-    low, high = torch.tensor([0.27, 0.0, 0.33]), torch.tensor([0.99, 0.91, 0.14])  # viridis ends
-    rgb = low.view(1, 1, 3) + value.unsqueeze(-1) * (high - low).view(1, 1, 3)
-    rgb = torch.where(torch.isnan(value).unsqueeze(-1), torch.full_like(rgb, 0.5), rgb)
-    image = rgb.permute(2, 0, 1).repeat_interleave(cell, 1).repeat_interleave(cell, 2)
-    image[:, ::cell, :] = 1.0  # white grid lines
-    image[:, :, ::cell] = 1.0
-    return image
+def heatmap_figure(ranks: dict[str, int], max_rank: int | None = None, title: str = "Rank per module") -> Figure:
+    """A matplotlib figure of the grid: layers down, module types across, the rank written in each cell, a colour
+    bar from 0 to ``max_rank`` (default: the largest rank); blank cells have no module."""
+    layers, types, grid = rank_grid(ranks)
+    values = grid.numpy()
+    top = max_rank or max(1.0, float(np.nan_to_num(values, nan=0.0).max()))
+    figure = Figure(figsize=(2.0 + 1.1 * len(types), 1.2 + 0.32 * len(layers)), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    image = axes.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0, vmax=top, aspect="auto")
+    axes.set_xticks(range(len(types)), types, rotation=30, ha="right", fontsize=8)
+    axes.set_yticks(range(len(layers)), layers, fontsize=8)
+    axes.set_xlabel("module type")
+    axes.set_ylabel("layer")
+    axes.set_title(title, fontsize=10)
+    if len(layers) * len(types) <= 400:  # numbers stay readable up to ~20 x 20 cells
+        for (i, j), value in np.ndenumerate(values):
+            if not np.isnan(value):
+                colour = "black" if value > 0.6 * top else "white"
+                axes.text(j, i, str(int(value)), ha="center", va="center", fontsize=7, color=colour)
+    figure.colorbar(image, ax=axes, label="rank")
+    return figure
+
+
+def heatmap_image(ranks: dict[str, int], max_rank: int | None = None) -> np.ndarray:
+    """:func:`heatmap_figure` rendered off-screen (Agg, no display) as an ``(H, W, 3)`` uint8 RGB image."""
+    canvas = FigureCanvasAgg(heatmap_figure(ranks, max_rank))
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def rank_table(ranks: dict[str, int]) -> str:
@@ -80,7 +91,7 @@ def log_rank_heatmap(logger: Any, ranks: dict[str, int], step: int, tag: str = "
     experiment = getattr(logger, "experiment", None)
     if experiment is None or not hasattr(experiment, "add_image"):
         return False
-    experiment.add_image(tag, heatmap_image(ranks, max_rank), global_step=step, dataformats="CHW")
+    experiment.add_image(tag, heatmap_image(ranks, max_rank), global_step=step, dataformats="HWC")
     if hasattr(experiment, "add_text"):
         experiment.add_text(f"{tag}_table", rank_table(ranks), global_step=step)
     return True
