@@ -1,48 +1,36 @@
 """Exports: a PEFT-format adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) and a merged
-full model through ``save_pretrained``. Every export is written to a temporary folder beside the target and
-moved into place in one rename, so an interrupted export never leaves a half-written folder behind."""
+full model through ``save_pretrained``, each with the backbone's tokenizer and the label names, so the folder
+alone (plus, for PEFT, the base model it names) is enough to run the model. Every export is written atomically
+(:func:`lora_lightning.atomic.atomic_folder`) after its output folder was checked."""
 from __future__ import annotations
 
 import copy
 import json
 import os
-import shutil
-import tempfile
+import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_lightning.adapters.base import adapter_layers, unload_adapters
-from lora_lightning.modules.base import AdapterModule
+from lora_lightning.atomic import atomic_folder, check_output_folder
+from lora_lightning.backbone import load_tokenizer, locate_backbone
+from lora_lightning.checkpoint import read_checkpoint
+from lora_lightning.modules.base import CHECKPOINT_KEY, AdapterModule
 
 PEFT_PREFIX = "base_model.model."
+LABEL_NAMES_FILE = "label_names.json"
 
 
-@contextmanager
-def atomic_folder(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder; on success it replaces ``target`` in one rename, on failure it is removed."""
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists; choose another folder or pass overwrite=True (--overwrite).")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            retired = target.with_name(f".{target.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            os.replace(target, retired)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+def base_model_reference(module: AdapterModule) -> str:
+    """The backbone as ``from_pretrained`` accepts it anywhere: a packaged alias becomes its folder, a local path an
+    absolute path, a hub id stays as it is."""
+    source, _ = locate_backbone(module.hparams.backbone)
+    return os.path.abspath(source) if os.path.exists(source) else source
 
 
 def _task_type(module: AdapterModule) -> str:
@@ -82,7 +70,7 @@ def peft_lora_state(module: AdapterModule) -> tuple[dict, dict[str, torch.Tensor
     config = {
         "peft_type": "LORA",
         "task_type": _task_type(module),
-        "base_model_name_or_path": module.hparams.backbone,
+        "base_model_name_or_path": base_model_reference(module),
         "target_modules": sorted(rank_pattern),
         "r": rank_pattern[first],
         "lora_alpha": alpha_pattern[first],
@@ -128,7 +116,7 @@ def peft_adalora_state(module: AdapterModule) -> tuple[dict, dict[str, torch.Ten
     config = {
         "peft_type": "ADALORA",
         "task_type": _task_type(module),
-        "base_model_name_or_path": hparams.backbone,
+        "base_model_name_or_path": base_model_reference(module),
         "target_modules": sorted(layers),
         "init_r": init_r,
         "target_r": getattr(module, "target_r", init_r),
@@ -158,26 +146,122 @@ PEFT_FORMATS: dict[str, Callable[[AdapterModule], tuple[dict, dict[str, torch.Te
 }
 
 
+def _write_inference_files(module: AdapterModule, folder: Path) -> None:
+    """The backbone's tokenizer and, when the module has them, its label names (``label_names.json``)."""
+    load_tokenizer(module.hparams.backbone, module.hparams.trust_remote_code).save_pretrained(folder)
+    if module.label_names:
+        (folder / LABEL_NAMES_FILE).write_text(json.dumps(module.label_names))
+
+
 def export_peft(module: AdapterModule, folder: str | os.PathLike, format: str = "lora", overwrite: bool = False) -> Path:
-    """Write the adapter as a folder that ``peft.PeftModel.from_pretrained(backbone, folder)`` loads."""
+    """Write the adapter as a folder that ``peft.AutoPeftModelFor….from_pretrained(folder)`` loads (its
+    ``base_model_name_or_path`` is the resolved backbone), with the tokenizer and label names beside it."""
     if format not in PEFT_FORMATS:
         raise ValueError(f"Unknown export format '{format}'; choose one of {sorted(PEFT_FORMATS)}.")
+    check_output_folder(folder, overwrite)
     config, tensors = PEFT_FORMATS[format](module)
     tensors = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in tensors.items()}
+    load_kwargs = locate_backbone(module.hparams.backbone)[1]
+    if load_kwargs:
+        warnings.warn(
+            f"The base model '{module.hparams.backbone}' loads with {load_kwargs}: pass the same arguments to "
+            f"AutoPeftModel….from_pretrained({os.fspath(folder)!r}, ...).", stacklevel=2,
+        )
     with atomic_folder(folder, overwrite) as staging:
         save_file(tensors, staging / "adapter_model.safetensors", metadata={"format": "pt"})
         (staging / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if module.label_names:
-            (staging / "label_names.json").write_text(json.dumps(module.label_names))
+        _write_inference_files(module, staging)
     return Path(folder)
+
+
+def _drop_gguf_quantizer(model: nn.Module) -> None:
+    """Make a backbone loaded from a GGUF file saveable: ``transformers`` dequantises GGUF weights on load, yet keeps
+    the GGUF quantizer (which refuses ``save_pretrained``) and the ``gguf_file`` reference in the config."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None or getattr(quantizer.quantization_config, "quant_method", None) != "gguf":
+        return
+    packed = [name for name, parameter in model.named_parameters() if not parameter.is_floating_point()]
+    if packed:
+        raise ValueError(
+            f"The backbone keeps GGUF-packed weights ({packed[0]}, ...), which cannot be merged and saved; "
+            f"export format 'lora' instead, or load the backbone dequantised."
+        )
+    quantizer.remove_quantization_config(model)
 
 
 def export_merged(module: AdapterModule, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Merge every adapter into its base weight and save the plain ``transformers`` model (and tokenizer)."""
+    """Merge every adapter into its base weight and save the plain ``transformers`` model (safetensors) with the
+    tokenizer and label names (``config.id2label``): ``transformers.pipeline(task, model=folder)`` runs it."""
+    check_output_folder(folder, overwrite)
     merged = unload_adapters(copy.deepcopy(module.backbone).cpu(), merge=True)
+    _drop_gguf_quantizer(merged)
+    if module.hparams.task == "sequence-classification" and module.label_names:
+        merged.config.id2label = dict(enumerate(module.label_names))
+        merged.config.label2id = {name: i for i, name in enumerate(module.label_names)}
     with atomic_folder(folder, overwrite) as staging:
         merged.save_pretrained(staging, safe_serialization=True)
+        _write_inference_files(module, staging)
     return Path(folder)
+
+
+PRUNING_STATE_KEY = "RankPruningScheduler"
+
+
+def export_formats() -> list[str]:
+    """Every ``format`` :func:`export_checkpoint` accepts: the registered PEFT formats and ``merged``."""
+    return [*sorted(PEFT_FORMATS), "merged"]
+
+
+def unfinished_rank_pattern(checkpoint: dict) -> str | None:
+    """Why the checkpoint's adaptive rank pattern is not the run's final one, or ``None`` (final, or no pruning).
+
+    Reads the ``RankPruningScheduler`` state that Lightning saves in the checkpoint's ``callbacks`` section: it is
+    unfinished when the final budget was not applied yet (``finalised`` false) although pruning was scheduled
+    (``budget`` > 0; a scheduler with nothing to prune, ``init_r == target_r``, keeps budget 0).
+    """
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if key.split("{")[0] != PRUNING_STATE_KEY or not isinstance(state, dict):
+            continue
+        if not state.get("finalised", True) and state.get("budget", 0) > 0:
+            return (
+                f"its rank pattern is not final: the checkpoint was saved at step {state.get('step')}, before the "
+                f"rank pruner applied the final budget (budget then: {state.get('budget')} triplets)"
+            )
+    return None
+
+
+def export_checkpoint(
+    checkpoint_path: str | os.PathLike,
+    output: str | os.PathLike,
+    format: str = "lora",
+    overwrite: bool = False,
+    allow_unfinished_ranks: bool = False,
+) -> Path:
+    """Export a ``.ckpt`` written by ``lora-lightning fit``. Everything that can fail cheaply is checked before the
+    backbone is loaded: the output folder, the format, the checkpoint file, and (AdaLoRA/HyperAdaLoRA) that its rank
+    pattern is final: an unfinished one is an error unless ``allow_unfinished_ranks`` (then a warning)."""
+    from lora_lightning import modules
+
+    if format not in export_formats():
+        raise ValueError(f"Unknown export format '{format}'; choose one of {export_formats()}.")
+    check_output_folder(output, overwrite)
+    checkpoint = read_checkpoint(checkpoint_path)
+    method = checkpoint[CHECKPOINT_KEY]["method"]
+    module_class = getattr(modules, method, None)
+    if module_class is None:
+        raise ValueError(f"The checkpoint was written by '{method}', which this version of lora-lightning lacks.")
+    problem = unfinished_rank_pattern(checkpoint)
+    if problem is not None:
+        if not allow_unfinished_ranks:
+            raise ValueError(
+                f"Not exporting '{checkpoint_path}': {problem}. Export the checkpoint of the end of training "
+                f"(last.ckpt), or pass --allow-unfinished-ranks (allow_unfinished_ranks=True) to export it anyway."
+            )
+        warnings.warn(f"Exporting '{checkpoint_path}' although {problem}.", stacklevel=2)
+    module = module_class.load_from_checkpoint(checkpoint_path, map_location="cpu", weights_only=True)
+    if format == "merged":
+        return export_merged(module, output, overwrite=overwrite)
+    return export_peft(module, output, format=format, overwrite=overwrite)
 
 
 class ExportReadError(ValueError):

@@ -1,4 +1,7 @@
 import json
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +88,136 @@ def test_cli_export_from_checkpoint(tiny_bert, tmp_path):
     (tmp_path / "bad.ckpt").write_bytes((tmp_path / "a.ckpt").read_bytes()[:1000])
     with pytest.raises(ValueError, match="truncated or corrupted"):
         cli_main(["export", "--checkpoint", str(tmp_path / "bad.ckpt"), "--output", str(tmp_path / "out2")])
+
+
+FRESH_PROCESS_CHECK = r"""
+import json, sys
+import torch
+from peft import AutoPeftModelForSequenceClassification
+from transformers import pipeline
+
+merged, peft_folder, texts = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+classify = pipeline("text-classification", model=merged, device="cpu")
+results = classify(texts)
+model = AutoPeftModelForSequenceClassification.from_pretrained(peft_folder).eval()
+inputs = classify.tokenizer(texts, padding=True, return_tensors="pt")
+with torch.no_grad():
+    logits = model(**inputs).logits
+print(json.dumps({"pipeline": results, "peft_logits": logits.tolist(), "peft_labels": model.config.id2label}))
+"""
+
+
+def test_exports_run_alone_in_a_fresh_process(tiny_bert, tmp_path):
+    """The merged folder runs in ``transformers.pipeline`` with the trained label names and the module's predictions;
+    the PEFT folder loads with ``AutoPeftModelForSequenceClassification`` alone and gives the module's logits."""
+    import subprocess
+    import sys
+
+    from lora_lightning.backbone import load_tokenizer
+
+    module = trained(tiny_bert, rank=2, label_names=["rotten", "fresh"])
+    export_merged(module, tmp_path / "merged")
+    export_peft(module, tmp_path / "peft")
+    texts = ["a gripping, beautifully shot film", "dull and far too long", "the cast does what it can"]
+    done = subprocess.run([sys.executable, "-c", FRESH_PROCESS_CHECK, str(tmp_path / "merged"), str(tmp_path / "peft"),
+                           json.dumps(texts)], capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    inputs = dict(load_tokenizer(tiny_bert)(texts, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        probabilities = module(inputs).logits.softmax(-1)
+    expected = [module.label_names[i] for i in probabilities.argmax(-1).tolist()]
+    assert [r["label"] for r in result["pipeline"]] == expected
+    assert [r["score"] for r in result["pipeline"]] == pytest.approx(probabilities.max(-1).values.tolist(), abs=1e-5)
+    assert torch.tensor(result["peft_logits"]) == pytest.approx(module(inputs).logits.detach(), abs=1e-5)
+    for folder in ("merged", "peft"):
+        names = {p.name for p in (tmp_path / folder).iterdir()}
+        assert {"tokenizer.json", "tokenizer_config.json", "label_names.json"} <= names, folder
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["id2label"] == {"0": "rotten", "1": "fresh"} and "quantization_config" not in config
+
+
+def test_peft_export_of_the_packaged_minilm_names_its_folder(tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+
+    from lora_lightning.backbone import locate_backbone
+
+    module = trained("minilm", rank=2, target_modules=["query", "value"], label_names=["rotten", "fresh"])
+    export_peft(module, tmp_path / "peft")
+    base = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == locate_backbone("minilm")[0] and (tmp_path / "peft" / base / "config.json").is_file()
+    reloaded = AutoPeftModelForSequenceClassification.from_pretrained(tmp_path / "peft").eval()
+    inputs = {k: v for k, v in random_batch().items() if k != "labels"}
+    with torch.no_grad():
+        assert (reloaded(**inputs).logits - module(inputs).logits).abs().max() <= 1e-5
+
+
+def saved_checkpoint(module, path, callbacks_state: dict | None = None):
+    import lightning as L
+
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(path)
+    if callbacks_state is not None:
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["callbacks"] = callbacks_state
+        torch.save(checkpoint, path)
+    return path
+
+
+def test_export_checks_the_output_folder_before_loading_the_model(tiny_bert, tmp_path, monkeypatch):
+    checkpoint = saved_checkpoint(trained(tiny_bert, rank=2), tmp_path / "a.ckpt")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(LoRAModule, "load_from_checkpoint", no_loading)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="already exists.*--overwrite"):
+        cli_main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "taken")])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(NotADirectoryError, match="a-file is a file"):
+        cli_main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "a-file" / "out")])
+    real_access = os.access
+    monkeypatch.setattr("lora_lightning.atomic.os.access",
+                        lambda path, mode: False if Path(path) == tmp_path / "locked" else real_access(path, mode))
+    (tmp_path / "locked").mkdir()
+    with pytest.raises(PermissionError, match="locked is not writable"):
+        cli_main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "locked" / "new" / "out")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "a.ckpt", "locked", "taken"]
+    assert not any((tmp_path / "locked").iterdir())
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_export_files_follow_the_umask(tiny_bert, tmp_path, umask):
+    module = trained(tiny_bert, rank=2, label_names=["a", "b"])
+    previous = os.umask(umask)
+    try:
+        export_peft(module, tmp_path / "nested" / "peft")
+        export_merged(module, tmp_path / "merged")
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "nested", tmp_path / "nested" / "peft", tmp_path / "merged"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask, folder
+    files = [*(tmp_path / "nested" / "peft").iterdir(), *(tmp_path / "merged").iterdir()]
+    assert len(files) >= 8
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in files} == {path.name: 0o666 & ~umask for path in files}
+
+
+def test_adalora_export_refuses_an_unfinished_rank_pattern_unless_allowed(tiny_bert, tmp_path, capsys):
+    from lora_lightning.export import unfinished_rank_pattern
+    from lora_lightning.modules import AdaLoRAModule
+
+    module = AdaLoRAModule(backbone=tiny_bert, init_r=4, target_r=2).eval()
+    state = {"finalised": False, "budget": 40, "step": 4}
+    checkpoint = saved_checkpoint(module, tmp_path / "mid.ckpt", {"RankPruningScheduler": state})
+    with pytest.raises(ValueError, match=r"not final: .* step 4.*--allow-unfinished-ranks"):
+        cli_main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--format", "adalora"])
+    assert not (tmp_path / "out").exists()
+    with pytest.warns(UserWarning, match="not final"):
+        cli_main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--format", "adalora",
+                  "--allow-unfinished-ranks"])
+    printed = capsys.readouterr().out
+    assert "adapter_config.json, adapter_model.safetensors" in printed and "(adalora)" in printed
+    assert unfinished_rank_pattern({"callbacks": {"RankPruningScheduler": {**state, "finalised": True}}}) is None
+    assert unfinished_rank_pattern({"callbacks": {"RankPruningScheduler": {**state, "budget": 0}}}) is None  # nothing to prune
+    assert unfinished_rank_pattern({}) is None

@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lora_lightning.adapters.names import module_position
+from lora_lightning.atomic import atomic_write_text
 
 NO_LAYER = "-"
 
@@ -109,11 +110,6 @@ def report_folder(trainer: Any) -> str | None:
 
 
 def write_rank_pattern(path: str | os.PathLike, ranks: dict[str, int], extra: dict[str, Any] | None = None) -> Path:
-    """Write ``{"rank_pattern": {module: rank}, ...extra}`` as JSON (through a temporary file and a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``{"rank_pattern": {module: rank}, ...extra}`` as JSON, atomically."""
     payload = {"rank_pattern": dict(ranks), **(extra or {})}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=2))
