@@ -10,12 +10,13 @@ import sys
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lora_lightning import modules
+from lora_lightning.callbacks.predictions import PredictionWriter
 from lora_lightning.callbacks.summary import RunSummary
-from lora_lightning.checkpoint import read_checkpoint
-from lora_lightning.export import PEFT_FORMATS, export_merged, export_peft
+from lora_lightning.checkpoint import SafeCheckpointIO, read_checkpoint
+from lora_lightning.export import export_checkpoint, export_formats
 from lora_lightning.modules.base import AdapterModule
 
 
@@ -69,6 +70,29 @@ def resolve_resume_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> str 
     return str(ckpt_path)
 
 
+def clamp_val_check_interval(trainer_config) -> None:
+    """A ``val_check_interval`` in batches beyond the run (``max_steps`` × ``accumulate_grad_batches``, e.g. a shipped
+    config's 100 with ``--trainer.max_steps 20``) becomes the run's length, with a one-line warning."""
+    interval, max_steps = trainer_config.get("val_check_interval"), trainer_config.get("max_steps") or -1
+    run_batches = max_steps * (trainer_config.get("accumulate_grad_batches") or 1)
+    if isinstance(interval, int) and not isinstance(interval, bool) and 0 < run_batches < interval:
+        trainer_config["val_check_interval"] = run_batches
+        rank_zero_warn(f"trainer.val_check_interval {interval} is longer than the run (max_steps {max_steps}): "
+                       f"validating after batch {run_batches} instead.")
+
+
+def check_checkpoint_method(checkpoint: dict, ckpt_path: str, model_config) -> None:
+    """Refuse an explicit ``--ckpt_path`` written by another method than the configured model: LightningCLI would
+    silently run the checkpoint's class instead (its hyperparameters replace the model config)."""
+    configured = (model_config or {}).get("class_path")
+    method = checkpoint["lora_lightning"]["method"]
+    if configured and configured.rsplit(".", 1)[-1] != method:
+        raise ValueError(
+            f"--ckpt_path '{ckpt_path}' is a {method} checkpoint but the config's model is {configured}: "
+            f"use the config the checkpoint was trained with (or --model.class_path lora_lightning.modules.{method})."
+        )
+
+
 class LoRALightningCLI(LightningCLI):
     """Model and data in subclass mode; the backbone is named once, on the model, and given to the data.
 
@@ -80,18 +104,27 @@ class LoRALightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.init_args.backbone", "data.init_args.backbone")
 
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads an explicit --ckpt_path file in __init__ (its hyperparameters replace the model config);
-        # read it ourselves first so that a damaged file is a clear error rather than a raw torch.load traceback.
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads an explicit --ckpt_path file right after parsing (its hyperparameters replace the model
+        # config); read it ourselves first so that a damaged file is a clear error, not a raw torch.load traceback.
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and os.path.isfile(ckpt_path):
-            read_checkpoint(ckpt_path)
-        super()._parse_ckpt_path()
+            check_checkpoint_method(read_checkpoint(ckpt_path), ckpt_path, self.config[subcommand].get("model"))
+
+    def before_instantiate_classes(self) -> None:
+        subcommand = self.config.get("subcommand")
+        clamp_val_check_interval(self.config[subcommand]["trainer"] if subcommand else self.config["trainer"])
 
     def before_fit(self) -> None:
         kwargs = self.config_init[self.subcommand]
-        kwargs["ckpt_path"] = resolve_resume_checkpoint(self.trainer, kwargs.get("ckpt_path"))
+        ckpt_path = resolve_resume_checkpoint(self.trainer, kwargs.get("ckpt_path"))
+        if ckpt_path is not None and os.path.isfile(ckpt_path):
+            # Lightning's public way to name the checkpoint before fit: unlike fit(ckpt_path=...), it is visible
+            # during the setup hooks (Sensitivity-LoRA does not recalibrate a resumed fit)
+            self.trainer.ckpt_path, ckpt_path = ckpt_path, None
+        kwargs["ckpt_path"] = ckpt_path
         if "weights_only" in kwargs and kwargs["weights_only"] is None:
             kwargs["weights_only"] = True
 
@@ -100,29 +133,54 @@ def export_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="lora-lightning export", description="Export a trained adapter checkpoint.")
     parser.add_argument("--checkpoint", required=True, help="a .ckpt written by lora-lightning fit")
     parser.add_argument("--output", required=True, help="folder to create")
-    parser.add_argument("--format", default="lora", choices=[*sorted(PEFT_FORMATS), "merged"],
+    parser.add_argument("--format", default="lora", choices=export_formats(),
                         help="PEFT adapter format, or 'merged' for a full model with the adapter folded in")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--allow-unfinished-ranks", action="store_true",
+                        help="export an AdaLoRA/HyperAdaLoRA checkpoint saved before its final rank pattern")
     args = parser.parse_args(argv)
-    method = read_checkpoint(args.checkpoint)["lora_lightning"]["method"]
-    module_class = getattr(modules, method, None)
-    if module_class is None:
-        raise SystemExit(f"The checkpoint was written by '{method}', which this version of lora-lightning lacks.")
-    module = module_class.load_from_checkpoint(args.checkpoint, map_location="cpu", weights_only=True)
-    if args.format == "merged":
-        folder = export_merged(module, args.output, overwrite=args.overwrite)
-    else:
-        folder = export_peft(module, args.output, format=args.format, overwrite=args.overwrite)
-    print(f"Exported {method} ({args.format}) to {folder}")
+    folder = export_checkpoint(args.checkpoint, args.output, format=args.format, overwrite=args.overwrite,
+                               allow_unfinished_ranks=args.allow_unfinished_ranks)
+    files = sorted(path for path in folder.iterdir() if path.is_file())
+    size = sum(path.stat().st_size for path in files) / 1e6
+    print(f"Exported {args.checkpoint} ({args.format}) to {folder}/ ({len(files)} files, {size:.1f} MB): "
+          f"{', '.join(path.name for path in files)}")
+
+
+DEBUG_ENV = "LORA_LIGHTNING_DEBUG"
+
+
+def error_line(error: BaseException) -> str:
+    """The cause of a failed command in one line: the innermost chained exception (jsonargparse wraps a class's
+    ``__init__`` error in a "Does not validate against any of the Union subtypes" error), and the class it was
+    instantiating, which says which config section (``model``/``data``/a callback) holds the option."""
+    where = ""
+    while error.__cause__ is not None:
+        found = re.search(r"class_path='([\w.]+)'", str(error))
+        where = f" (in {found.group(1)})" if found else where
+        error = error.__cause__
+    message = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}{where}: {message}"
 
 
 def main(args: list[str] | None = None) -> None:
-    """The ``lora-lightning`` console script (it must return ``None``: its value becomes the exit status)."""
+    """The ``lora-lightning`` console script (it must return ``None``: its value becomes the exit status).
+
+    Run as the console script (``args`` None), a failure prints one line, ``lora-lightning: error: <cause>``, and
+    exits with status 1; ``LORA_LIGHTNING_DEBUG=1`` shows the full traceback. Called with ``args``, it raises.
+    """
     argv = sys.argv[1:] if args is None else args
-    if argv and argv[0] == "export":
-        export_main(argv[1:])
-        return
-    run_cli(args)
+    try:
+        if argv and argv[0] == "export":
+            export_main(argv[1:])
+        else:
+            run_cli(argv)
+    except Exception as error:  # noqa: BLE001 - the console script's last line of defence
+        if args is not None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        sys.stderr.write(f"lora-lightning: error: {error_line(error)}\n"
+                         f"(full traceback: {DEBUG_ENV}=1 lora-lightning {' '.join(argv[:1])} ...)\n")
+        raise SystemExit(1) from None
 
 
 def run_cli(args: list[str] | None = None) -> LoRALightningCLI:
@@ -132,7 +190,7 @@ def run_cli(args: list[str] | None = None) -> LoRALightningCLI:
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        trainer_defaults={"callbacks": [RunSummary()]},
+        trainer_defaults={"callbacks": [RunSummary(), PredictionWriter()], "plugins": [SafeCheckpointIO()]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,

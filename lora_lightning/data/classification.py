@@ -13,7 +13,14 @@ from lora_lightning.data.base import TokenizedDataModule
 from lora_lightning.data.collate import ClassificationCollator, EncodedDataset
 from lora_lightning.data.files import check_file, read_table, require_columns
 from lora_lightning.data.glue import GlueTask, get_glue_task
-from lora_lightning.data.labels import Label, LabelSpace, infer_label_space, parse_label
+from lora_lightning.data.labels import (
+    Label,
+    LabelSpace,
+    check_labels_seen_in_training,
+    infer_label_space,
+    is_missing,
+    parse_label,
+)
 from lora_lightning.data.sources import ROTTEN_TOMATOES_LABELS, load_glue, load_rotten_tomatoes, require_datasets
 from lora_lightning.data.splits import split_indices, subsample
 
@@ -161,12 +168,17 @@ class TextClassificationDataModule(TokenizedDataModule):
                     if require_label:
                         require_columns(columns, [hp.label_field], path, "label_field")
                     splits[split] = self._rows_to_split(rows, str(path), require_label)
-        if "validation" not in splits:
+        derived_validation = "validation" not in splits
+        if derived_validation:
             train_ids, validation_ids = split_indices(len(splits["train"].texts), hp.validation_fraction, hp.seed)
             splits["validation"] = splits["train"].select(validation_ids)
             splits["train"] = splits["train"].select(train_ids)
         self._all_labels = [label for split in splits.values() for label in (split.labels or [])]
         num_labels = self.requested_num_labels or (self.glue_task.num_labels if self.glue_task else None)
+        if num_labels != 1:  # evaluation splits of their own (one drawn from the training data is left alone)
+            given = {name: raw.labels for name, raw in splits.items() if name != "validation" or not derived_validation}
+            origins = {split: f"'{path}'" for split, path in self.files.items() if path is not None}
+            check_labels_seen_in_training(given, origins)
         names = self._fixed_names() or self._restored_names
         self._space = infer_label_space(self._all_labels, num_labels, names)
         limits = {"train": hp.max_train_samples, "validation": hp.max_eval_samples, "test": hp.max_eval_samples}
@@ -180,10 +192,13 @@ class TextClassificationDataModule(TokenizedDataModule):
         """Texts and parsed labels of table rows; a row missing a value is an error naming the row."""
         texts, labels = [], []
         for number, row in enumerate(rows, start=1):
-            values = tuple(row.get(field) for field in self.text_fields)
-            if any(value is None for value in values):
-                raise ValueError(f"Row {number} of {where} has no value in one of the text fields {self.text_fields}.")
-            texts.append(tuple(str(value) for value in values))
+            for field in self.text_fields:
+                if is_missing(row.get(field)):
+                    raise ValueError(
+                        f"Row {number} of {where}, column '{field}': the text is missing (empty, null or NaN). "
+                        "Fill it in or drop the row."
+                    )
+            texts.append(tuple(str(row[field]) for field in self.text_fields))
             if require_label:
                 try:
                     labels.append(parse_label(row.get(self.hparams.label_field, "")))
@@ -220,6 +235,12 @@ class TextClassificationDataModule(TokenizedDataModule):
     def held_out_split(self) -> str:
         """The test file's split when one was given, else validation."""
         return "test" if self.files.get("test") is not None else "validation"
+
+    def example_texts(self, split: str) -> list[tuple[str, ...]]:
+        """The raw text fields of every example of ``split``, in dataset order (the predictions file shows them)."""
+        if self._splits is None:
+            self._load_raw()
+        return list(self._splits[split].texts)
 
     # ------------------------------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:

@@ -12,9 +12,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from transformers import get_linear_schedule_with_warmup
 
 from lora_lightning.adapters.base import (
     AdapterLayer,
@@ -24,8 +24,10 @@ from lora_lightning.adapters.base import (
     inject_adapters,
     set_trainable,
 )
-from lora_lightning.backbone import load_backbone
-from lora_lightning.checkpoint import SafeCheckpointIO, read_checkpoint
+from lora_lightning.backbone import BackboneOptions, enable_gradient_checkpointing, keep_in_float32, load_backbone
+from lora_lightning.checkpoint import read_checkpoint
+from lora_lightning.callbacks.final_checkpoint import FinalCheckpoint
+from lora_lightning.callbacks.nonfinite import NonFiniteGuard
 from lora_lightning.modules.tasks import Task
 from lora_lightning.modules.tasks import build_task as make_task
 
@@ -37,15 +39,10 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint that belongs to another method, backbone or adapter layout."""
 
 
-def linear_warmup_decay(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
-    """LR factor rising linearly to 1 over ``warmup_steps`` optimiser steps, then falling linearly to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def not_configured(trainer: L.Trainer | None, callbacks: list[L.Callback]) -> list[L.Callback]:
+    """Those of ``callbacks`` whose type the trainer lacks: a callback the user configured (YAML, ``Trainer``) wins."""
+    present = list(trainer.callbacks) if trainer is not None else []
+    return [cb for cb in callbacks if not any(isinstance(have, type(cb)) for have in present)]
 
 
 class AdapterModule(L.LightningModule):
@@ -58,8 +55,14 @@ class AdapterModule(L.LightningModule):
         modules_to_save: modules trained in full and saved with the adapter; ``None`` finds the
             classification head automatically.
         metrics: names of validation metrics (default: the task's); the first is the one to monitor.
+        backbone_dtype: dtype of the frozen base (``float32``, ``bfloat16``, ``float16`` on CUDA, ``auto``);
+            adapters, hypernetworks and ``modules_to_save`` stay fp32 (docs/large_models.md).
+        gradient_checkpointing: non-reentrant activation checkpointing of the backbone's transformer blocks.
+        quantization: ``none``, ``nf4`` or ``int8``: the frozen linear layers stored quantised (bitsandbytes).
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (``None``: transformers' default).
         optimizer / lr_scheduler: callables taking parameter groups / an optimiser (set from YAML);
-            defaults are AdamW(``learning_rate``, ``weight_decay``) and linear warmup then decay.
+            defaults are AdamW(``learning_rate``, ``weight_decay``) and transformers'
+            ``get_linear_schedule_with_warmup`` (0 → ``learning_rate`` over ``warmup_ratio`` of the steps, then to 0).
     """
 
     def __init__(
@@ -77,18 +80,29 @@ class AdapterModule(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         trust_remote_code: bool = False,
+        backbone_dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        quantization: str = "none",
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.task: Task = self.build_task()
+        options = BackboneOptions(backbone_dtype, attn_implementation, quantization)  # checked before loading
         # from_pretrained returns eval mode; Lightning keeps each submodule's mode, so dropout must be enabled here.
-        self.backbone = load_backbone(backbone, task, num_labels, trust_remote_code=trust_remote_code).train()
+        self.backbone = load_backbone(
+            backbone, task, num_labels, trust_remote_code=trust_remote_code, options=options,
+            full_precision=list(modules_to_save or ()),
+        ).train()
         self.modules_to_save = (
             list(modules_to_save) if modules_to_save is not None
             else find_classifier_head(self.backbone) if task == "sequence-classification" else []
         )
+        keep_in_float32(self.backbone, self.modules_to_save)  # trained heads stay fp32 over a bf16/4-bit base
         inject_adapters(self.backbone, target_modules, self.make_adapter)
         set_trainable(self.backbone, self.modules_to_save)
+        if gradient_checkpointing:
+            enable_gradient_checkpointing(self.backbone)
         self.val_metrics = self.task.build_metrics(metrics)
         self.test_metrics = self.val_metrics.clone(prefix="test/")
         self.label_names = label_names
@@ -117,6 +131,17 @@ class AdapterModule(L.LightningModule):
         """Optimiser parameter groups; methods add groups (with a ``name``) rather than toggling requires_grad."""
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         return [{"name": "adapters", "params": params, "weight_decay": self.hparams.weight_decay}]
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """What every method needs, unless the trainer has one of the type: :class:`NonFiniteGuard` (a NaN/inf loss
+        or weight stops the fit) and :class:`FinalCheckpoint` (validation and ``last`` at the final step, monitors
+        checked first). A method returns these followed by its own."""
+        return not_configured(self._trainer, [NonFiniteGuard(), FinalCheckpoint()])
+
+    def monitorable_metrics(self) -> list[str]:
+        """The names this module logs that a ``ModelCheckpoint``/``EarlyStopping`` may monitor; a subclass that logs
+        more extends the list (FinalCheckpoint refuses any other monitor before training)."""
+        return ["val/loss", *self.val_metrics.keys(), "train/loss"]
 
     # ----------------------------------------------------------------- structure
     @property
@@ -159,19 +184,27 @@ class AdapterModule(L.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Class ids (classification), scores (regression) or per-token logits (causal LM)."""
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Per example: ``label_id`` and ``probabilities`` (classification), ``score`` (regression), or ``loss``
+        (mean next-token loss over the example's target tokens, those whose label is not -100) and ``tokens``
+        (their number) for causal LM. :class:`~lora_lightning.callbacks.PredictionWriter` writes them to a file."""
         inputs = {key: value for key, value in batch.items() if key != "labels"}
-        logits = self(inputs).logits
+        logits = self(inputs).logits.float()
         if self.hparams.task == "causal-lm":
-            return logits
-        return logits.squeeze(-1) if self.hparams.num_labels == 1 else logits.argmax(-1)
+            labels, mask = batch.get("labels"), inputs.get("attention_mask")
+            if labels is None:  # score every non-padding token
+                labels = inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask == 0, -100)
+            targets = labels[:, 1:]
+            token_loss = nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+            tokens = (targets != -100).sum(-1)
+            return {"loss": token_loss.sum(-1) / tokens.clamp(min=1), "tokens": tokens}
+        if self.hparams.num_labels == 1:
+            return {"score": logits.squeeze(-1)}
+        probabilities = logits.softmax(-1)
+        return {"label_id": probabilities.argmax(-1), "probabilities": probabilities}
 
     # ----------------------------------------------------------------- data link
     def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if strategy is not None and type(strategy.checkpoint_io) is TorchCheckpointIO:
-            strategy.checkpoint_io = SafeCheckpointIO()  # a damaged ckpt_path becomes a clear error (runs before restore)
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_labels = getattr(datamodule, "num_labels", None)
         if self.hparams.task == "sequence-classification" and data_labels is not None:
@@ -196,7 +229,7 @@ class AdapterModule(L.LightningModule):
             scheduler = self.lr_scheduler_factory(optimizer)
         else:
             total = int(self.trainer.estimated_stepping_batches)
-            scheduler = linear_warmup_decay(optimizer, total, int(self.hparams.warmup_ratio * total))
+            scheduler = get_linear_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------- checkpoints: adapter, not backbone
