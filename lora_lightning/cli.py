@@ -174,7 +174,7 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] == "export":
             export_main(argv[1:])
         else:
-            run_cli(argv)
+            run_cli(args)
     except Exception as error:  # noqa: BLE001 - the console script's last line of defence
         if args is not None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise

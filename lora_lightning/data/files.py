@@ -5,7 +5,8 @@ import bz2
 import csv
 import gzip
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -44,13 +45,13 @@ def check_file(path: str | Path | None, role: str, suffixes: Sequence[str] = TAB
 def read_table(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of a csv/tsv/jsonl file as dicts, and the column names in file order."""
     suffix = _suffix(path)
-    with _open(path) as handle:
-        if suffix in (".csv", ".tsv"):
-            # GLUE tsv files contain bare quote characters inside sentences: do not treat quotes specially there.
-            options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+    if suffix in (".csv", ".tsv"):
+        # GLUE tsv files contain bare quote characters inside sentences: do not treat quotes specially there.
+        options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix == ".tsv" else {}
+        with _utf8_errors(path), _open(path) as handle:
             reader = csv.DictReader(handle, **options)
             return list(reader), list(reader.fieldnames or [])
-        text = handle.read()
+    text = read_text(path)
     if suffix == ".json" and text.lstrip().startswith("["):
         rows = json.loads(text)
     else:
@@ -65,8 +66,20 @@ def read_table(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def read_text(path: Path) -> str:
     """The whole content of a text file."""
-    with _open(path) as handle:
+    with _utf8_errors(path), _open(path) as handle:
         return handle.read()
+
+
+@contextmanager
+def _utf8_errors(path: Path) -> Iterator[None]:
+    """Turn a decoding error into one naming the file, the offending byte and the encoding to use."""
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"'{path}' is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}). "
+            f"Save it as UTF-8, e.g. iconv -f latin1 -t utf-8 '{path}' > converted{_suffix(path)}"
+        ) from None
 
 
 def require_columns(columns: Sequence[str], wanted: Sequence[str], path: Path | str, argument: str) -> None:

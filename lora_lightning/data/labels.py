@@ -1,22 +1,36 @@
 """Label spaces for text classification: parse raw label values, infer the classes, map names to ids."""
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 Label = int | float | str
 
 
+MISSING_TEXT = ("", "nan")
+
+
+def is_missing(value: Any) -> bool:
+    """One rule for every file format: a cell is missing when it is null/None, a float NaN, empty or blank, or the
+    text ``NaN`` (what pandas and spreadsheets write for a missing value)."""
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and value.strip().lower() in MISSING_TEXT
+
+
 def parse_label(value: Any) -> Label:
-    """A label as read from a file: ``"1"`` -> 1, ``"0.5"`` -> 0.5, other text stays text."""
+    """A label as read from a file: ``"1"`` -> 1, ``"0.5"`` -> 0.5, other text stays text; missing is an error."""
+    if is_missing(value):
+        raise ValueError(f"the label is missing ({value!r}).")
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, (int, float)):
         return value
     text = str(value).strip()
-    if text == "":
-        raise ValueError("Empty label value.")
     for cast in (int, float):
         try:
             return cast(text)
@@ -108,3 +122,20 @@ def infer_label_space(
             f"Set num_labels={high + 1} (or leave it unset to infer it), or fix the label column."
         )
     return LabelSpace(num_labels or high + 1, tuple(names) if names is not None else None)
+
+
+def check_labels_seen_in_training(labels: Mapping[str, Sequence[Label] | None], origins: Mapping[str, str]) -> None:
+    """Raise when a class label of an evaluation split never occurs in ``labels["train"]``: a model cannot learn a
+    class it never sees, so raising ``num_labels`` would not help. ``origins`` describes each split for the message.
+    Real-valued (regression) labels are not checked."""
+    if any(isinstance(v, float) for values in labels.values() for v in values or ()):
+        return
+    seen = set(labels.get("train") or ())
+    for split, values in labels.items():
+        unseen = sorted({str(v) for v in values or () if v not in seen})
+        if split != "train" and unseen:
+            raise ValueError(
+                f"Label(s) {unseen} occur in the {split} split ({origins.get(split, split)}) but never in the train "
+                f"split ({origins.get('train', 'train')}): the model cannot learn a class it never sees. Add "
+                f"training examples of it, or remove those rows from the {split} data."
+            )

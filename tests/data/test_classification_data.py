@@ -274,3 +274,38 @@ def test_label_mapping_travels_in_a_lightning_checkpoint(tmp_path):
     L.Trainer(max_steps=3, **options).fit(Classifier(), datamodule=resumed, ckpt_path=tmp_path / "run.ckpt")
     assert resumed.label_names == ["neg", "neutral", "pos"]
     assert set(resumed.datasets["train"].labels) == {0, 2}  # pos keeps id 2 from the checkpoint
+
+
+# ------------------------------------------------------------------------------------------------ issue 10, items 4-5
+def test_validation_label_absent_from_training_names_label_and_split(tmp_path):
+    train = write_csv(tmp_path / "train.csv", [{"text": f"t{i}", "label": i % 3} for i in range(6)])
+    validation = write_csv(tmp_path / "dev.csv", [{"text": "a", "label": 1}, {"text": "b", "label": 3}])
+    data = TextClassificationDataModule(source="files", train_file=train, validation_file=validation, num_labels=3)
+    with pytest.raises(ValueError, match=r"Label\(s\) \['3'\] occur in the validation split \('.*dev\.csv'\) but "
+                                         r"never in the train split \('.*train\.csv'\)") as error:
+        data.setup("fit")
+    assert "num_labels=4" not in str(error.value)
+    words = write_jsonl(tmp_path / "w.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
+    test = write_jsonl(tmp_path / "t.jsonl", [{"text": "c", "label": "neutral"}])
+    with pytest.raises(ValueError, match=r"\['neutral'\] occur in the test split"):
+        TextClassificationDataModule(source="files", train_file=words, validation_file=words, test_file=test).setup()
+
+
+@pytest.mark.parametrize("suffix, cell", [(".csv", ""), (".csv", "NaN"), (".tsv", "  "), (".jsonl", None),
+                                          (".jsonl", float("nan")), (".jsonl", "nan")])
+def test_missing_text_is_one_error_in_every_format(tmp_path, suffix, cell):
+    rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}, {"text": cell, "label": 1}]
+    path = tmp_path / f"d{suffix}"
+    if suffix == ".jsonl":
+        write_jsonl(path, rows)
+    else:
+        write_csv(path, rows, delimiter="\t" if suffix == ".tsv" else ",")
+    data = TextClassificationDataModule(source="files", train_file=str(path), validation_file=str(path))
+    with pytest.raises(ValueError, match=rf"Row 3 of .*d\{suffix}, column 'text': the text is missing"):
+        data.setup("fit")
+
+
+def test_nan_label_is_missing_not_a_regression_score(tmp_path):
+    path = write_csv(tmp_path / "d.csv", [{"text": "a", "label": "0.5"}, {"text": "b", "label": "NaN"}])
+    with pytest.raises(ValueError, match=r"Row 2 of .*d\.csv: the label is missing \('NaN'\)"):
+        TextClassificationDataModule(source="files", train_file=path, validation_file=path).setup("fit")

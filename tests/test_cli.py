@@ -1,0 +1,73 @@
+"""The console as a user meets it: one-line errors, a refused method swap, help text, the default callbacks."""
+from __future__ import annotations
+
+import sys
+
+import lightning as L
+import pytest
+import yaml
+
+from lora_lightning.cli import main as cli_main
+from lora_lightning.modules import AdaLoRAModule
+
+
+def write_config(folder, backbone: str, data: dict | None = None, method: str = "LoRAModule") -> str:
+    rows = "".join(f"{'good' if i % 2 else 'bad'} film {i},{i % 2}\n" for i in range(16))
+    (folder / "train.csv").write_text("text,label\n" + rows)
+    config = {
+        "trainer": {"max_steps": 2, "accelerator": "cpu", "default_root_dir": str(folder / "runs"),
+                    "enable_progress_bar": False, "val_check_interval": 2, "limit_val_batches": 1},
+        "model": {"class_path": f"lora_lightning.modules.{method}",
+                  "init_args": {"backbone": backbone, "num_labels": 2, "target_modules": ["query", "value"]}},
+        "data": {"class_path": "lora_lightning.data.TextClassificationDataModule",
+                 "init_args": {"source": "files", "train_file": str(folder / "train.csv"), "batch_size": 4,
+                               **(data or {})}},
+    }
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def console(monkeypatch, capsys, *argv: str) -> tuple[int, str]:
+    """Run ``lora-lightning ARGV`` as the console script does; (exit status, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["lora-lightning", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_bad_data_option_is_one_line_naming_class_and_cause(tiny_bert, tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path, tiny_bert, data={"source": "imdb"})
+    monkeypatch.delenv("LORA_LIGHTNING_DEBUG", raising=False)
+    code, err = console(monkeypatch, capsys, "validate", "--config", config)
+    assert code == 1
+    assert "Traceback" not in err
+    assert err.splitlines()[-2] == ("lora-lightning: error: ValueError (in lora_lightning.data."
+                                    "TextClassificationDataModule): Unknown source 'imdb'. Choose one of "
+                                    "('rotten_tomatoes', 'files', 'glue/<task>').")
+    assert err.splitlines()[-1] == "(full traceback: LORA_LIGHTNING_DEBUG=1 lora-lightning validate ...)"
+    monkeypatch.setenv("LORA_LIGHTNING_DEBUG", "1")
+    with pytest.raises(ValueError, match="Does not validate"):  # the full chained error, as raised
+        console(monkeypatch, capsys, "validate", "--config", config)
+
+
+def test_non_utf8_file_names_the_file_and_the_encoding(tiny_bert, tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path, tiny_bert)
+    (tmp_path / "train.csv").write_bytes("text,label\ncaf\u00e9 cr\u00e8me,1\nbad,0\n".encode("latin-1"))
+    monkeypatch.delenv("LORA_LIGHTNING_DEBUG", raising=False)
+    code, err = console(monkeypatch, capsys, "validate", "--config", config)
+    assert code == 1
+    line = err.splitlines()[-2]
+    assert line.startswith("lora-lightning: error: ValueError: ") and "train.csv' is not UTF-8 text (byte 0xe9" in line
+    assert "Save it as UTF-8" in line
+
+
+def test_checkpoint_of_another_method_is_refused(tiny_bert, tmp_path):
+    module = AdaLoRAModule(backbone=tiny_bert, init_r=4, target_r=2, target_modules=["query", "value"])
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_steps=0)
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "adalora.ckpt")
+    config = write_config(tmp_path, tiny_bert)
+    with pytest.raises(ValueError, match=r"'.*adalora\.ckpt' is a AdaLoRAModule checkpoint but the config's model is "
+                                         r"lora_lightning\.modules\.LoRAModule"):
+        cli_main(["validate", "--config", config, "--ckpt_path", str(tmp_path / "adalora.ckpt")])
