@@ -71,3 +71,12 @@ def test_checkpoint_of_another_method_is_refused(tiny_bert, tmp_path):
     with pytest.raises(ValueError, match=r"'.*adalora\.ckpt' is a AdaLoRAModule checkpoint but the config's model is "
                                          r"lora_lightning\.modules\.LoRAModule"):
         cli_main(["validate", "--config", config, "--ckpt_path", str(tmp_path / "adalora.ckpt")])
+
+
+def test_alpha_zero_is_a_one_line_error(tiny_bert, tmp_path, monkeypatch, capsys):
+    config = write_config(tmp_path, tiny_bert)
+    monkeypatch.delenv("LORA_LIGHTNING_DEBUG", raising=False)
+    code, err = console(monkeypatch, capsys, "fit", "--config", config, "--model.init_args.alpha", "0")
+    assert code == 1 and "Traceback" not in err
+    assert err.splitlines()[-2].startswith("lora-lightning: error: ValueError (in lora_lightning.modules.LoRAModule): "
+                                           "alpha must be > 0")

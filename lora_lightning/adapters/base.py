@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_lightning.adapters.quant import check_mergeable
+
 LINEAR_TYPES = (nn.Linear, Conv1D)
 # Heads that ``transformers`` creates fresh for sequence classification; trained in full, like PEFT's
 # ``modules_to_save``.
@@ -28,6 +30,14 @@ def linear_shape(layer: nn.Module) -> tuple[int, int]:
         d_in, d_out = layer.weight.shape
         return d_out, d_in
     return layer.out_features, layer.in_features
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` scales the whole update (ΔW ∝ alpha): it must be positive, since 0 switches the adapter off."""
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (the adapter's update is scaled by alpha; {alpha} makes it do nothing "
+                         "or flips it). A common choice is alpha = 2 * rank.")
+    return alpha
 
 
 class AdapterLayer(nn.Module):
@@ -73,6 +83,7 @@ class AdapterLayer(nn.Module):
 
     @torch.no_grad()
     def _add_to_base(self, sign: float) -> None:
+        check_mergeable(self.base_layer)
         delta = self.delta_weight()
         weight = self.base_layer.weight
         if isinstance(self.base_layer, Conv1D):

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_lightning.adapters.base import AdapterLayer
+from lora_lightning.adapters.base import AdapterLayer, check_alpha
 
 
 class LoRALinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__(base_layer)
-        self.alpha = alpha
+        self.alpha = check_alpha(alpha)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = nn.Parameter(torch.empty(0))
         self.lora_B = nn.Parameter(torch.empty(0))

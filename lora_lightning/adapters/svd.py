@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_lightning.adapters.base import AdapterLayer
+from lora_lightning.adapters.base import AdapterLayer, check_alpha
 
 
 class SVDLinear(AdapterLayer):
@@ -20,7 +20,7 @@ class SVDLinear(AdapterLayer):
         if rank < 1:
             raise ValueError(f"SVD adapter rank must be >= 1, got {rank}.")
         factory = {"device": self.base_layer.weight.device, "dtype": torch.float32}
-        self.alpha = alpha
+        self.alpha = check_alpha(alpha)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # Init as PEFT's AdaLoRA: Λ = 0 so ΔW = 0; P, Q ~ N(0, 0.02²).
         self.lora_P = nn.Parameter(torch.randn(self.out_features, rank, **factory) * 0.02)

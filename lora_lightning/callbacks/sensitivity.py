@@ -1,18 +1,19 @@
 """The Sensitivity-LoRA allocation step as a callback: calibrate, reduce across ranks, allocate, reshape.
 
 It runs in ``setup`` (stage ``fit``): after the process group exists and before the strategy wraps the model in
-DDP or creates optimisers (DESIGN.md, "Allocation before wrapping"). Each process runs the estimator on its own
+DDP or creates optimisers (docs/architecture.md, "Allocation before wrapping"). Each process runs the estimator on its own
 ``num_batches`` calibration batches (process ``k`` of ``w`` takes batches ``k, k + w, …``), the sums and counts are
-all-reduced, so every process computes the same diagonals and the same rank pattern. A resumed fit
-(``ckpt_path``) or a module that already holds an allocation is not recalibrated: its shapes come from the
-checkpoint (``SensitivityLoRAModule.on_load_checkpoint``).
+all-reduced, so every process computes the same diagonals and the same rank pattern. A module that already holds
+an allocation, or a fit resuming from ``trainer.ckpt_path`` (the CLI sets it; from Python: ``trainer.ckpt_path =
+path`` before ``trainer.fit(model)``), is not recalibrated: its shapes come from the checkpoint
+(``SensitivityLoRAModule.on_load_checkpoint``). ``trainer.fit(model, ckpt_path=path)`` alone still ends with the
+checkpoint's ranks, but Lightning only reveals that path after ``setup``, so it calibrates first (and warns).
 
 Output: a summary table in the log, a heat map (and the table) in TensorBoard, and
 ``sensitivity_allocation.json`` beside the checkpoints (the ``ModelCheckpoint`` folder, else the log folder).
 """
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Iterable
@@ -22,30 +23,15 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.utils.data import DistributedSampler
 
+from lora_lightning._compat import fit_train_dataloaders
 from lora_lightning.allocation.sensitivity import build_estimator, check_estimator_name
 from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary, report_folder, write_rank_pattern
 
 log = logging.getLogger(__name__)
 JSON_NAME = "sensitivity_allocation.json"
-
-
-def resume_checkpoint(trainer: L.Trainer):
-    """The checkpoint this ``fit`` will restore, already during the ``setup`` hooks.
-
-    Lightning sets ``trainer.ckpt_path`` only when it restores, after ``setup`` and ``configure_model``; the path
-    chosen by ``fit(ckpt_path=...)`` is until then a local of ``Trainer._run``. We read it from there (falling back
-    to ``trainer.ckpt_path``, which is set early when the user assigns it), so a resumed fit never recalibrates.
-    """
-    if trainer.ckpt_path is not None:
-        return trainer.ckpt_path
-    frame = inspect.currentframe()
-    while frame is not None:
-        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
-            return frame.f_locals.get("ckpt_path")
-        frame = frame.f_back
-    return None
 
 
 class HessianSensitivityEstimator(L.Callback):
@@ -89,19 +75,24 @@ class HessianSensitivityEstimator(L.Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None:
             return datamodule.train_dataloader()
-        source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)  # fit(train_dataloaders=…)
-        if source is not None and source.is_defined():
-            return source.dataloader()
+        source = fit_train_dataloaders(trainer)
+        if source is not None:
+            return source
         raise ValueError(
             "HessianSensitivityEstimator found no calibration data: give fit a datamodule or train_dataloaders, "
             "or pass HessianSensitivityEstimator(dataloader=...)."
         )
 
     def _batches(self, trainer, num_batches: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
-        """This process's share: batches ``rank, rank + world, …`` of the source, at most ``num_batches``."""
+        """This process's share: batches ``rank, rank + world, …`` of the source, at most ``num_batches`` (the first
+        ``num_batches`` when the source already holds only this process's shard, e.g. the DataModule's under DDP)."""
         world, rank = max(1, trainer.world_size), trainer.global_rank
+        source = self._calibration_source(trainer)
+        sampler = getattr(source, "sampler", None)
+        if world > 1 and isinstance(sampler, DistributedSampler) and sampler.num_replicas == world:
+            world, rank = 1, 0
         batches = []
-        for index, batch in enumerate(self._calibration_source(trainer)):
+        for index, batch in enumerate(source):
             if index % world == rank:
                 batches.append(move_data_to_device(dict(batch), device))
             if len(batches) >= num_batches:
@@ -117,7 +108,7 @@ class HessianSensitivityEstimator(L.Callback):
                 f"HessianSensitivityEstimator allocates the ranks of a SensitivityLoRAModule, not a "
                 f"{type(pl_module).__name__}."
             )
-        if resume_checkpoint(trainer) is not None or pl_module.allocation is not None:
+        if trainer.ckpt_path is not None or pl_module.allocation is not None:
             rank_zero_info("Sensitivity-LoRA: ranks come from the checkpoint / module; no recalibration.")
             return
         self.allocate(trainer, pl_module)
@@ -137,6 +128,11 @@ class HessianSensitivityEstimator(L.Callback):
                 "The calibration data is empty: HessianSensitivityEstimator got no batches. Check the training "
                 "split (or the dataloader given to the callback)."
             )
+        wanted = self._setting(pl_module, "num_batches") * max(1, trainer.world_size)
+        if float(total) < wanted:
+            rank_zero_warn(f"Sensitivity-LoRA calibrated on {int(float(total))} batches, fewer than num_batches "
+                           f"asks for ({wanted} over {max(1, trainer.world_size)} process(es)): the calibration "
+                           "data has no more. Lower num_batches, or the ranks rest on less data than intended.")
 
         layers = {n: layer.base_layer for n, layer in pl_module.lora_layers().items()}
         was_training = pl_module.training
@@ -188,8 +184,14 @@ class HessianSensitivityEstimator(L.Callback):
         return {"calibrated": self.calibrated, "allocation_seconds": self.allocation_seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.calibrated:
+            rank_zero_warn(
+                "HessianSensitivityEstimator calibrated, then the fit restored a checkpoint whose ranks replace that "
+                "calibration. To resume without calibrating, set `trainer.ckpt_path = path` before "
+                "`trainer.fit(model)` (the lora-lightning CLI does this)."
+            )
         self.calibrated = False  # a resumed run does not rewrite the allocation outputs
         self.allocation_seconds = state_dict.get("allocation_seconds")
 
 
-__all__ = ["HessianSensitivityEstimator", "resume_checkpoint"]
+__all__ = ["HessianSensitivityEstimator"]

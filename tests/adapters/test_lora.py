@@ -5,6 +5,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lora_lightning.adapters.base import adapter_layers, disable_adapters, inject_adapters, unload_adapters
 from lora_lightning.adapters.lora import LoRALinear
+from lora_lightning.adapters.svd import SVDLinear
 
 
 def trained_lora(base: nn.Module, rank: int = 3, alpha: float = 6.0) -> LoRALinear:
@@ -86,3 +87,9 @@ def test_reset_rank_rebuilds_factors_and_rejects_zero():
     assert torch.count_nonzero(layer.lora_B) == 0
     with pytest.raises(ValueError, match="rank must be >= 1"):
         layer.reset_rank(0)
+
+
+@pytest.mark.parametrize("adapter", [LoRALinear, SVDLinear])
+def test_alpha_zero_is_a_clear_error(adapter):
+    with pytest.raises(ValueError, match=r"alpha must be > 0 .*0 makes it do nothing"):
+        adapter(nn.Linear(4, 4), rank=2, alpha=0)

@@ -111,7 +111,19 @@ class ExplodingData:
         raise AssertionError("recalibrated on resume")
 
 
-def test_resume_keeps_shapes_without_recalibration_and_matches_uninterrupted(tiny_bert, tmp_path):
+class CountingData:
+    """Calibration data that counts how often it is read."""
+
+    def __init__(self, batches) -> None:
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+
+def straight_run(tiny_bert, tmp_path):
+    """Two epochs of two steps, a checkpoint after the first; returns (module, the checkpoint, the data)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     # Two steps per epoch, the same batch each step: Lightning does not restore the position in a plain
@@ -122,18 +134,38 @@ def test_resume_keeps_shapes_without_recalibration_and_matches_uninterrupted(tin
     trainer(tmp_path, steps=4, enable_checkpointing=True, callbacks=[saver]).fit(straight, train_dataloaders=data)
     first = tmp_path / "a" / "epoch=0-step=2.ckpt"
     assert first.exists()
+    return straight, first, data
 
-    resumed = module(tiny_bert, estimator="fisher")
-    assert resumed.allocation is None and {layer.rank for layer in resumed.lora_layers().values()} == {3}
-    estimator = HessianSensitivityEstimator(dataloader=ExplodingData())
-    t = trainer(tmp_path, steps=4, callbacks=[estimator])
-    t.fit(resumed, train_dataloaders=data, ckpt_path=first)
-    assert not estimator.calibrated
+
+def assert_same_adapters(resumed, straight) -> None:
     assert resumed.allocation == straight.allocation
     expected = {k: v for k, v in straight.state_dict().items() if k in set(straight.adapter_state_keys())}
     got = resumed.state_dict()
     for key, value in expected.items():
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fit_ckpt_path_alone_calibrates_warns_and_still_ends_with_the_checkpoint_ranks(tiny_bert, tmp_path):
+    straight, first, data = straight_run(tiny_bert, tmp_path)
+    resumed = module(tiny_bert, estimator="fisher", num_batches=1)
+    calibration = CountingData([random_batch(seed=7)])
+    estimator = HessianSensitivityEstimator(dataloader=calibration)
+    with pytest.warns(UserWarning, match=r"trainer\.ckpt_path = path"):
+        trainer(tmp_path, steps=4, callbacks=[estimator]).fit(resumed, train_dataloaders=data, ckpt_path=first)
+    assert calibration.reads == 1 and not estimator.calibrated
+    assert_same_adapters(resumed, straight)
+
+
+def test_resume_keeps_shapes_without_recalibration_and_matches_uninterrupted(tiny_bert, tmp_path):
+    straight, first, data = straight_run(tiny_bert, tmp_path)
+    resumed = module(tiny_bert, estimator="fisher")
+    assert resumed.allocation is None and {layer.rank for layer in resumed.lora_layers().values()} == {3}
+    estimator = HessianSensitivityEstimator(dataloader=ExplodingData())
+    t = trainer(tmp_path, steps=4, callbacks=[estimator])
+    t.ckpt_path = first  # Lightning's public way to name the checkpoint before fit (the CLI does the same)
+    t.fit(resumed, train_dataloaders=data)
+    assert not estimator.calibrated
+    assert_same_adapters(resumed, straight)
 
 
 DDP_SCRIPT = textwrap.dedent(
@@ -177,6 +209,7 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.integration  # two processes
 @pytest.mark.parametrize("estimator", ["activation"])
 def test_ddp_two_processes_allocate_identically(tiny_bert, tmp_path, estimator):
     script = tmp_path / "ddp_sensitivity.py"
@@ -194,3 +227,10 @@ def test_ddp_two_processes_allocate_identically(tiny_bert, tmp_path, estimator):
     # the reduced statistics equal one process over the union of the batches
     assert sorted(rank0["seen"] + rank1["seen"]) == sorted(single["seen"])
     assert rank0["ranks"] == single["ranks"]
+
+
+def test_fewer_calibration_batches_than_num_batches_warns(tiny_bert, tmp_path):
+    few = list(loader())[:2]
+    t = trainer(tmp_path, callbacks=[HessianSensitivityEstimator(num_batches=5, dataloader=few)])
+    with pytest.warns(UserWarning, match=r"calibrated on 2 batches, fewer than num_batches asks for \(5 over 1"):
+        t.fit(module(tiny_bert), train_dataloaders=loader())
