@@ -10,7 +10,9 @@ factors of SVD (P, Λ, Q) or LoRA (A, B) adapters, once per optimiser step, inde
 
 * One :class:`FactorGenerator` per factor kind (P, Λ, Q separately; A, B for LoRA). Its input/output projections
   are shared among all matrices with the same dimension, its encoder layer among all matrices. The matrix
-  embedding is the sum of a layer-index and a module-type embedding (``…layer.3.attention.self.query`` → 3, query).
+  embedding is the sum of a layer-index and a module-type embedding, both read from the module name by
+  :func:`~lora_lightning.adapters.names.module_position` (``…layer.3.attention.self.query`` → 3,
+  ``attention.self.query``; a name outside the numbered layers, such as a pooler, gets a layer id of its own).
 * Output projections start at zero, so at step 0 every generated factor equals its base factor: the model equals
   AdaLoRA (or LoRA) with the same base factors.
 * Modes (``mode``):
@@ -33,7 +35,6 @@ scoring) and reset when a step with new parameters starts generating. Nothing he
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import torch
@@ -42,31 +43,10 @@ from torch import Tensor, nn
 
 from lora_lightning.adapters.base import AdapterLayer, adapter_layers
 from lora_lightning.adapters.lora import LoRALinear
+from lora_lightning.adapters.names import module_position
 from lora_lightning.adapters.svd import SVDLinear
 
 MODES = ("residual", "recurrent", "seeded")
-
-
-class EncoderBlock(nn.Module):
-    """A pre-norm Transformer encoder layer: self-attention over the r rank tokens of a matrix, then an MLP."""
-
-    def __init__(self, hidden: int, heads: int, ff_mult: int = 2) -> None:
-        super().__init__()
-        if hidden % heads:
-            raise ValueError(f"hypernet hidden size {hidden} is not divisible by its {heads} heads.")
-        self.heads = heads
-        self.norm1 = nn.LayerNorm(hidden)
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
-        self.norm2 = nn.LayerNorm(hidden)
-        self.mlp = nn.Sequential(nn.Linear(hidden, ff_mult * hidden), nn.GELU(), nn.Linear(ff_mult * hidden, hidden))
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, r, h = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(n, r, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, r, h)
-        x = x + self.proj(attended)
-        return x + self.mlp(self.norm2(x))
 
 
 class FactorGenerator(nn.Module):
@@ -81,6 +61,8 @@ class FactorGenerator(nn.Module):
     def __init__(self, dims: Iterable[int], max_rank: int, num_layers: int, num_types: int,
                  hidden: int = 64, heads: int = 4, ff_mult: int = 2) -> None:
         super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hypernet hidden size {hidden} is not divisible by its {heads} heads.")
         dims = sorted(set(dims))
         self.in_proj = nn.ModuleDict({str(d): nn.Linear(d, hidden) for d in dims})
         self.out_proj = nn.ModuleDict({str(d): nn.Linear(hidden, d) for d in dims})
@@ -92,7 +74,12 @@ class FactorGenerator(nn.Module):
         self.type_embedding = nn.Embedding(num_types, hidden)
         nn.init.normal_(self.layer_embedding.weight, std=0.02)
         nn.init.normal_(self.type_embedding.weight, std=0.02)
-        self.block = EncoderBlock(hidden, heads, ff_mult)
+        # Pre-norm self-attention over the r rank tokens, then an MLP; no dropout (generation is deterministic).
+        # In eval mode without grad PyTorch runs its fused "fast path" for this layer: the same function, equal to
+        # the training path up to float rounding (2e-7 measured), so eval-time factors may differ from train-time
+        # ones in the last bits.
+        self.block = nn.TransformerEncoderLayer(hidden, heads, ff_mult * hidden, dropout=0.0, activation="gelu",
+                                                batch_first=True, norm_first=True)
         self.norm = nn.LayerNorm(hidden)
 
     def forward(self, tokens: Tensor, layer_ids: Tensor, type_ids: Tensor) -> Tensor:
@@ -169,13 +156,6 @@ class HyperLoRALinear(HyperMixin, LoRALinear):
         return F.linear(F.linear(x, g["lora_A"]), g["lora_B"])
 
 
-def matrix_keys(name: str) -> tuple[int, str]:
-    """(layer index, module type) of an adapted matrix from its module name: the first integer component and the
-    last component (``bert.encoder.layer.3.attention.self.query`` → ``(3, "query")``); no integer → layer 0."""
-    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
-    return (int(match.group(1)) if match else 0), name.rsplit(".", 1)[-1]
-
-
 # ---------------------------------------------------------------------------------------------- the hypernetwork
 class AdapterHypernet(nn.Module):
     """Generators for every factor kind of a set of :class:`HyperMixin` layers, with the generation cache.
@@ -206,11 +186,11 @@ class AdapterHypernet(nn.Module):
         self.factor_names = kinds.pop()
         self.layer_names = list(layers)
         self._layers = list(layers.values())  # plain list: the layers belong to the backbone, not to us
-        keys = [matrix_keys(name) for name in self.layer_names]
-        layer_vocab = sorted({k[0] for k in keys})
-        type_vocab = sorted({k[1] for k in keys})
-        self.register_buffer("layer_ids", torch.tensor([layer_vocab.index(k[0]) for k in keys]), persistent=False)
-        self.register_buffer("type_ids", torch.tensor([type_vocab.index(k[1]) for k in keys]), persistent=False)
+        positions = [module_position(name) for name in self.layer_names]
+        layers_of = [-1 if p.layer is None else p.layer for p in positions]  # -1: outside the numbered layers
+        layer_vocab, type_vocab = sorted(set(layers_of)), sorted({p.kind for p in positions})
+        self.register_buffer("layer_ids", torch.tensor([layer_vocab.index(i) for i in layers_of]), persistent=False)
+        self.register_buffer("type_ids", torch.tensor([type_vocab.index(p.kind) for p in positions]), persistent=False)
         self.generators = nn.ModuleDict()
         for fname in self.factor_names:
             shapes = [layer.to_tokens(fname, getattr(layer, fname)).shape for layer in self._layers]
@@ -278,7 +258,7 @@ class AdapterHypernet(nn.Module):
                 self._eval_cache = {"key": key, "factors": [{k: v.detach() for k, v in d.items()} for d in self._generate()]}
             return self._eval_cache["factors"]
         cache = self._train_cache
-        if cache is None or cache["key"] != key or cache["consumed"]:
+        if cache is None or cache["key"] != key or (cache["consumed"] and not cache["pinned"]):
             if self._grad_key != key:  # a new optimiser step: its gradients start from zero
                 self.zero_generated_grads()
                 self._grad_key = key
@@ -287,8 +267,19 @@ class AdapterHypernet(nn.Module):
                 for fname, t in d.items():
                     if t.requires_grad:
                         t.register_hook(self._accumulate(i, fname))
-            self._train_cache = {"key": key, "factors": factors, "consumed": False}
+            self._train_cache = {"key": key, "factors": factors, "consumed": False, "pinned": False}
         return self._train_cache["factors"]
+
+    def pin(self) -> None:
+        """Generate now (grad mode), for one forward and its backward: until the next ``pin`` or a parameter change,
+        every read returns these tensors, also after a backward has consumed them. Call it outside the backbone
+        (the Lightning modules do, at the start of each training forward): activation checkpointing then recomputes
+        a block with the very tensors of the original forward, never regenerating them inside the checkpointed
+        region, and their gradients (importance) are accumulated once."""
+        if self._train_cache is not None:
+            self._train_cache["pinned"] = False
+        self.generate()
+        self._train_cache["pinned"] = True
 
     def generated(self, layer: HyperMixin) -> dict[str, Tensor]:
         return self.generate()[layer._hypernet_index]

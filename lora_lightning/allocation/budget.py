@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lora_lightning.allocation.flat import flatten, unflatten
+
 
 def resolve_steps(value: int | float, total_step: int, name: str) -> int:
     """A phase length given as steps (int) or as a fraction of the run (float in [0, 1))."""
@@ -80,8 +82,7 @@ class BudgetSchedule:
 def top_b_masks(scores: dict[str, Tensor], budget: int) -> dict[str, Tensor]:
     """Keep exactly ``budget`` triplets over all units: the highest scores, ties going to the earlier unit (in the
     dict's order) and then the lower index. ``budget`` at or above the total keeps everything; 0 keeps nothing."""
-    names = list(scores)
-    flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in names])
+    flat = flatten(s.detach().float().cpu() for s in scores.values())
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
     budget = max(0, min(int(budget), flat.numel()))
     if budget:
@@ -89,9 +90,4 @@ def top_b_masks(scores: dict[str, Tensor], budget: int) -> dict[str, Tensor]:
         flat = torch.nan_to_num(flat, nan=float("-inf"))
         order = torch.sort(flat, descending=True, stable=True).indices
         keep[order[:budget]] = True
-    masks, start = {}, 0
-    for name in names:
-        n = scores[name].numel()
-        masks[name] = keep[start : start + n].float()
-        start += n
-    return masks
+    return dict(zip(scores, unflatten(keep.float(), list(scores.values()))))

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_lightning.allocation.flat import flatten, unflatten
+
 # ---------------------------------------------------------------------------------------------------- estimators
 
 LossFn = Callable[[Mapping[str, Tensor]], Tensor]
@@ -67,22 +69,21 @@ class DiagonalStatistics:
             )
         return {name: self.sums[name] / self.counts[name] for name in self.sums}
 
-    # Flattening lets a distributed caller reduce everything in one all-reduce.
     def flatten(self) -> Tensor:
-        names = sorted(self.sums)
-        counts = torch.tensor([self.counts[n] for n in names], dtype=torch.float64, device=self.sums[names[0]].device)
-        return torch.cat([self.sums[n].reshape(-1) for n in names] + [counts])
+        """Sums then counts (names sorted) in one float64 vector: one all-reduce moves all of them."""
+        return flatten([*(self.sums[n] for n in sorted(self.sums)), self._counts()])
 
     def unflatten(self, flat: Tensor) -> DiagonalStatistics:
+        """Statistics of the same names and shapes read back from a (reduced) :meth:`flatten` vector."""
         names = sorted(self.sums)
-        out, offset = DiagonalStatistics(), 0
-        for name in names:
-            size = self.sums[name].numel()
-            out.sums[name] = flat[offset:offset + size].reshape(self.sums[name].shape).clone()
-            offset += size
-        for i, name in enumerate(names):
-            out.counts[name] = float(flat[offset + i])
-        return out
+        *sums, counts = unflatten(flat, [*(self.sums[n] for n in names), self._counts()])
+        return DiagonalStatistics(
+            sums={n: s.clone() for n, s in zip(names, sums)}, counts=dict(zip(names, counts.tolist()))
+        )
+
+    def _counts(self) -> Tensor:
+        names = sorted(self.sums)
+        return torch.tensor([self.counts[n] for n in names], dtype=torch.float64, device=self.sums[names[0]].device)
 
 
 @runtime_checkable

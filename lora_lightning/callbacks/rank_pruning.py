@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lora_lightning.allocation.budget import BudgetSchedule, resolve_steps, top_b_masks
+from lora_lightning.allocation.flat import flatten, unflatten
 from lora_lightning.allocation.importance import ImportanceTracker, RankUnit
 from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary, report_folder, write_rank_pattern
 
@@ -198,14 +199,8 @@ class RankPruningScheduler(Callback):
     def _broadcast(masks: dict[str, torch.Tensor], trainer: L.Trainer | None) -> dict[str, torch.Tensor]:
         if trainer is None or trainer.world_size == 1:
             return masks
-        names = list(masks)
-        flat = torch.cat([masks[n] for n in names])
-        flat = trainer.strategy.broadcast(flat, src=0)
-        out, start = {}, 0
-        for n in names:
-            out[n] = flat[start : start + masks[n].numel()].cpu()
-            start += masks[n].numel()
-        return out
+        flat = trainer.strategy.broadcast(flatten(masks.values()), src=0)
+        return dict(zip(masks, (m.cpu() for m in unflatten(flat, list(masks.values())))))
 
     # ----------------------------------------------------------------- visibility
     @staticmethod

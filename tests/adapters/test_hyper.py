@@ -12,7 +12,6 @@ from lora_lightning.adapters.hyper import (
     AdapterHypernet,
     HyperLoRALinear,
     HyperSVDLinear,
-    matrix_keys,
 )
 from lora_lightning.adapters.lora import LoRALinear
 from lora_lightning.adapters.svd import SVDLinear
@@ -83,10 +82,21 @@ def train_steps(model, hyper, steps=3, lr=1e-2, seed=1):
     return opt
 
 
-def test_matrix_keys():
-    assert matrix_keys("bert.encoder.layer.3.attention.self.query") == (3, "query")
-    assert matrix_keys("model.layers.11.mlp.down_proj") == (11, "down_proj")
-    assert matrix_keys("fc") == (0, "fc")
+def test_matrix_embedding_ids_come_from_module_positions():
+    _, hyper, _ = build()
+    assert hyper.layer_names == ["layer.0.query", "layer.0.up", "layer.0.down",
+                                 "layer.1.query", "layer.1.up", "layer.1.down"]
+    assert hyper.layer_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    assert hyper.type_ids.tolist() == [1, 2, 0, 1, 2, 0]  # sorted vocabulary: down, query, up
+
+
+def test_generator_block_is_torch_pre_norm_encoder_layer_without_dropout():
+    _, hyper, _ = build()
+    block = hyper.generators["lora_P"].block
+    assert isinstance(block, nn.TransformerEncoderLayer) and block.norm_first and block.self_attn.batch_first
+    assert block.dropout.p == block.dropout1.p == block.dropout2.p == 0.0
+    with pytest.raises(ValueError, match="not divisible by its 3 heads"):
+        AdapterHypernet(adapter_layers(build()[0]), hidden=16, heads=3)
 
 
 @pytest.mark.parametrize("kind", ["svd", "lora"])
