@@ -204,7 +204,6 @@ def export_merged(module: AdapterModule, folder: str | os.PathLike, overwrite: b
     return Path(folder)
 
 
-PRUNING_STATE_KEY = "RankPruningScheduler"
 
 
 def export_formats() -> list[str]:
@@ -215,14 +214,13 @@ def export_formats() -> list[str]:
 def unfinished_rank_pattern(checkpoint: dict) -> str | None:
     """Why the checkpoint's adaptive rank pattern is not the run's final one, or ``None`` (final, or no pruning).
 
-    Reads the ``RankPruningScheduler`` state that Lightning saves in the checkpoint's ``callbacks`` section: it is
-    unfinished when the final budget was not applied yet (``finalised`` false) although pruning was scheduled
+    Reads the state that Lightning saves in the checkpoint's ``callbacks`` section for a
+    :class:`~lora_lightning.callbacks.RankPruningScheduler` (or a subclass: any state with a ``finalised`` flag): it
+    is unfinished when the final budget was not applied yet (``finalised`` false) although pruning was scheduled
     (``budget`` > 0; a scheduler with nothing to prune, ``init_r == target_r``, keeps budget 0).
     """
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if key.split("{")[0] != PRUNING_STATE_KEY or not isinstance(state, dict):
-            continue
-        if not state.get("finalised", True) and state.get("budget", 0) > 0:
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("finalised") is False and state.get("budget", 0) > 0:
             return (
                 f"its rank pattern is not final: the checkpoint was saved at step {state.get('step')}, before the "
                 f"rank pruner applied the final budget (budget then: {state.get('budget')} triplets)"

@@ -204,11 +204,14 @@ def test_export_files_follow_the_umask(tiny_bert, tmp_path, umask):
 
 
 def test_adalora_export_refuses_an_unfinished_rank_pattern_unless_allowed(tiny_bert, tmp_path, capsys):
+    from lora_lightning.callbacks import RankPruningScheduler
     from lora_lightning.export import unfinished_rank_pattern
     from lora_lightning.modules import AdaLoRAModule
 
     module = AdaLoRAModule(backbone=tiny_bert, init_r=4, target_r=2).eval()
-    state = {"finalised": False, "budget": 40, "step": 4}
+    pruner = RankPruningScheduler()
+    pruner.step, pruner.budget = 4, 40  # mid-run: pruning scheduled, final budget not applied yet
+    state = pruner.state_dict()
     checkpoint = saved_checkpoint(module, tmp_path / "mid.ckpt", {"RankPruningScheduler": state})
     with pytest.raises(ValueError, match=r"not final: .* step 4.*--allow-unfinished-ranks"):
         cli_main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--format", "adalora"])
@@ -221,3 +224,62 @@ def test_adalora_export_refuses_an_unfinished_rank_pattern_unless_allowed(tiny_b
     assert unfinished_rank_pattern({"callbacks": {"RankPruningScheduler": {**state, "finalised": True}}}) is None
     assert unfinished_rank_pattern({"callbacks": {"RankPruningScheduler": {**state, "budget": 0}}}) is None  # nothing to prune
     assert unfinished_rank_pattern({}) is None
+
+
+def write_tiny_gguf_llama(path: Path, vocab: int = 64, hidden: int = 32, layers: int = 2, intermediate: int = 64) -> Path:
+    """A 2-layer Llama as an F32 GGUF file (with a toy byte-level vocabulary): the way ``smollm2`` is packaged."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(intermediate)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([chr(97 + i % 26) * (1 + i // 26) for i in range(vocab)])
+    writer.add_token_types([1] * vocab)
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_pad_token_id(1)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (vocab, hidden), "output_norm.weight": (hidden,), "output.weight": (vocab, hidden)}
+    for b in range(layers):
+        shapes.update({f"blk.{b}.attn_norm.weight": (hidden,), f"blk.{b}.ffn_norm.weight": (hidden,),
+                       f"blk.{b}.attn_q.weight": (hidden, hidden), f"blk.{b}.attn_k.weight": (hidden // 2, hidden),
+                       f"blk.{b}.attn_v.weight": (hidden // 2, hidden), f"blk.{b}.attn_output.weight": (hidden, hidden),
+                       f"blk.{b}.ffn_gate.weight": (intermediate, hidden), f"blk.{b}.ffn_up.weight": (intermediate, hidden),
+                       f"blk.{b}.ffn_down.weight": (hidden, intermediate)})
+    for name, shape in shapes.items():
+        writer.add_tensor(name, (rng.standard_normal(shape) * 0.05).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_merged_export_of_a_gguf_loaded_backbone_is_plain_safetensors(tmp_path, monkeypatch):
+    """A backbone loaded from GGUF (like the packaged ``smollm2``) keeps transformers' GGUF quantizer, which refuses
+    ``save_pretrained``; the merged export saves its dequantised weights without the GGUF reference instead."""
+    import lora_lightning.backbone
+
+    gguf_file = write_tiny_gguf_llama(tmp_path / "tiny.gguf")
+    monkeypatch.setattr(lora_lightning.backbone, "resolve_backbone",
+                        lambda name: (str(tmp_path), {"gguf_file": gguf_file.name}) if name == "tiny-gguf" else (name, {}))
+    module = trained("tiny-gguf", task="causal-lm", target_modules=["q_proj", "v_proj"], rank=2)
+    assert module.backbone.hf_quantizer is not None  # what made save_pretrained fail
+    export_merged(module, tmp_path / "merged")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config and "gguf" not in json.dumps(config).lower()
+    assert not list((tmp_path / "merged").glob("*.gguf"))
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert module.backbone.hf_quantizer is not None  # the module itself is left as it was
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, module({"input_ids": ids}).logits, atol=1e-5, rtol=1e-4)
