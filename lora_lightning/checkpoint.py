@@ -27,8 +27,9 @@ def unreadable(path: str, error: BaseException) -> CheckpointReadError:
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, with a :class:`CheckpointReadError` for a damaged file instead of torch's traceback.
 
-    ``AdapterModule.setup`` installs it on the trainer's strategy, so ``Trainer.fit/validate(ckpt_path=...)`` from
-    Python reports a damaged file as clearly as the CLI does.
+    A Trainer plugin: the ``lora-lightning`` CLI passes it by default; from Python, pass it yourself,
+    ``L.Trainer(plugins=[SafeCheckpointIO()])``, so that ``fit/validate(ckpt_path=...)`` report a damaged file as
+    clearly as the CLI does.
     """
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = None):

@@ -15,11 +15,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lora_lightning import modules
 from lora_lightning.callbacks.predictions import PredictionWriter
 from lora_lightning.callbacks.summary import RunSummary
-from lora_lightning.checkpoint import SafeCheckpointIO, read_checkpoint
+from lora_lightning.checkpoint import read_checkpoint
 from lora_lightning.export import export_checkpoint, export_formats
 from lora_lightning.modules.base import AdapterModule
 
 
+# the Trainer's checkpoint IO (a damaged checkpoint is a clear error), as a config entry: it is saved in config.yaml
+CHECKPOINT_IO = {"class_path": "lora_lightning.checkpoint.SafeCheckpointIO"}
 HPC_CHECKPOINT = re.compile(r"^hpc_ckpt_(\d+)\.ckpt$")
 LAST_CHECKPOINT = re.compile(r"^last(-v?\d+)?\.ckpt$")
 
@@ -190,7 +192,7 @@ def run_cli(args: list[str] | None = None) -> LoRALightningCLI:
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        trainer_defaults={"callbacks": [RunSummary(), PredictionWriter()], "plugins": [SafeCheckpointIO()]},
+        trainer_defaults={"callbacks": [RunSummary(), PredictionWriter()], "plugins": [CHECKPOINT_IO]},
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         args=args,

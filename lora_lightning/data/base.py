@@ -9,7 +9,8 @@ from transformers import PreTrainedTokenizerBase
 
 from lora_lightning.backbone import load_tokenizer
 from lora_lightning.data.collate import EncodedDataset
-from lora_lightning.data.sampling import ResumableDataLoader, training_order
+from lora_lightning._compat import processed_train_batches
+from lora_lightning.data.sampling import training_loader
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -44,23 +45,14 @@ class TokenizedDataModule(L.LightningDataModule):
         common = dict(collate_fn=self.collate_fn(), num_workers=hp.num_workers)
         if not train:
             return DataLoader(self.datasets[split], batch_size=hp.eval_batch_size or hp.batch_size, **common)
-        # resumable: a checkpoint taken mid-epoch continues at the next unseen batch (see ResumableDataLoader)
-        return ResumableDataLoader(
-            self.datasets[split], batch_size=hp.batch_size,
-            **training_order(self, len(self.datasets[split]), hp.seed), **common,
-            position=self._consumed_train_batches,
-        )
+        # resumable: a checkpoint taken mid-epoch continues at the next unseen batch (see ResumableSampler)
+        return training_loader(self, self.datasets[split], hp.batch_size, hp.seed,
+                               processed_batches=self._processed_train_batches, **common)
 
-    def _consumed_train_batches(self) -> int | None:
-        """Training batches of the current epoch the fit loop has finished with (what a resumed fit skips).
-
-        ``processed`` rather than the batches fetched: Lightning resumes after the last processed batch, also when
-        a checkpoint is written after the next batch was fetched (SIGUSR1 handler, ``on_train_batch_start``).
-        """
+    def _processed_train_batches(self) -> int | None:
+        """Training batches of the current epoch the fit loop has trained on (``None`` without a trainer)."""
         trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return None
-        return trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return None if trainer is None else processed_train_batches(trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

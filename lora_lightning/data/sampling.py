@@ -1,132 +1,82 @@
-"""Shuffling that a resumed run reproduces: the order of epoch e depends only on (seed, e)."""
+"""The training order: a shuffle that a resumed run reproduces, and continues in the middle of an epoch.
+
+:func:`training_loader` builds a torchdata ``StatefulDataLoader`` (Lightning stores its ``state_dict`` in every
+checkpoint, ``loops.fit_loop.state_dict.combined_loader``, and hands it back on resume) over a
+:class:`ResumableSampler`, whose state is the epoch and the samples the fit consumed in it.
+"""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
+from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A random permutation per epoch drawn from ``seed + epoch``.
+class ResumableSampler(DistributedSampler):
+    """A random permutation per epoch drawn from ``seed + epoch`` (this process's shard of it under DDP).
 
-    Lightning calls ``set_epoch`` before every epoch (also after a resume), so an interrupted and resumed fit
-    sees the same batches as an uninterrupted one; a generator carried across epochs would restart instead.
-    Under DDP, Lightning wraps this in a distributed sampler that shards its order.
+    Lightning calls ``set_epoch`` before every epoch (also after a resume), so an interrupted and resumed fit sees
+    the order of an uninterrupted one. Being a ``DistributedSampler``, Lightning uses it under DDP as it is.
+
+    State (``state_dict``): the ``epoch`` and the samples ``yielded`` in it; torchdata's ``StatefulDataLoader``
+    saves and restores it and then skips nothing itself. On :meth:`load_state_dict`, ``processed_batches`` (when
+    given and not ``None``) replaces the saved count by the batches the fit loop actually trained on: a checkpoint
+    written between fetching a batch and training on it (the SIGUSR1 handler) would otherwise skip that batch.
+    The next iteration (only that one) starts after the skipped samples, at the index level (no data is loaded for
+    them), and only if the sampler is still at the saved epoch; a whole consumed epoch resumes at the next one.
+
+    ``__iter__`` is a generator: the epoch is read at the first ``next``, after Lightning's ``set_epoch``
+    (``FitLoop.setup_data`` creates the iterator before it sets the epoch).
     """
 
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(
+        self,
+        dataset: Sized,
+        seed: int,
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        processed_batches: Callable[[], int | None] | None = None,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.batch_size, self.processed_batches = batch_size, processed_batches
+        self.yielded = 0
+        self._resume_at: tuple[int, int] | None = None  # (epoch, samples to skip), set by load_state_dict
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-
-def training_order(datamodule, num_samples: int, seed: int) -> dict:
-    """DataLoader arguments for the training order.
-
-    One process: :class:`EpochSeededSampler`. Several (DDP): plain ``shuffle=True``, which Lightning replaces by a
-    ``DistributedSampler`` that shards the data and is itself reseeded by ``set_epoch``; a custom sampler would be
-    wrapped instead, and the wrapper never forwards ``set_epoch``, so every epoch would repeat one order.
-    """
-    trainer = getattr(datamodule, "trainer", None)
-    if trainer is not None and trainer.world_size > 1:
-        return {"shuffle": True}
-    return {"sampler": EpochSeededSampler(num_samples, seed)}
-
-
-class _SkipFirstBatches:
-    """Yields an index sampler's batches from batch ``skip`` on, once: skipping costs index lists, not data."""
-
-    def __init__(self, index_sampler, skip: int) -> None:
-        self.index_sampler, self.skip = index_sampler, skip
-
-    def __iter__(self) -> Iterator:
-        # a generator, so the skip is used up by the first iteration that is actually advanced: DataLoader iterators
-        # call ``iter()`` on this more than once when they start, and a persistent-workers iterator reuses this
-        # object for the following epochs, which must be whole
-        skip, self.skip = self.skip, 0
-        yield from itertools.islice(iter(self.index_sampler), skip, None)
-
-    def __len__(self) -> int:
-        return max(len(self.index_sampler) - self.skip, 0)
-
-
-class ResumableDataLoader(DataLoader):
-    """A training DataLoader that can say how far into an epoch the fit got, and start there again.
-
-    Lightning stores :meth:`state_dict` in every checkpoint (``loops.fit_loop.state_dict.combined_loader``) and, on
-    resume, hands it to :meth:`load_state_dict` before it first iterates the loader; a loader with this interface is
-    "resumable" and Lightning then continues the epoch after the last consumed batch instead of at its first one.
-    The state is the sampler's ``epoch`` and the batches of it the training loop has ``consumed``. ``consumed``
-    comes from ``position`` when given (the DataModule reads the trainer's batch progress, which is right even when
-    the checkpoint is written between fetching a batch and training on it, as the SIGUSR1 handler may do);
-    otherwise it is the number of batches this loader has yielded in the epoch.
-
-    After :meth:`load_state_dict`, the next iteration (only that one) skips ``consumed`` batches at the index level
-    (a wrapper around the batch sampler: no data is loaded or collated for them; under DDP each rank skips batches
-    of its own shard). The skip only applies if the sampler is at the saved epoch when the iteration starts; a
-    checkpoint taken with the whole epoch consumed moves the sampler to the next epoch and skips nothing.
-
-    ``position`` is an ``__init__`` argument so that Lightning's re-instantiation of the loader (``_update_dataloader``
-    puts a ``DistributedSampler`` in under DDP) keeps it.
-    """
-
-    def __init__(self, *args, position: Callable[[], int | None] | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.position = position
-        self._yielded = 0
-        self._resume_at: tuple[int | None, int] | None = None  # (epoch, batches to skip), set by load_state_dict
-        self._skip_now = 0  # read by ``_index_sampler`` while the next iterator is being built
-
-    def _sampler_epoch(self) -> int | None:
-        epoch = getattr(self.sampler, "epoch", None)
-        return None if epoch is None else int(epoch)
-
-    @property
-    def _index_sampler(self):
-        sampler = super()._index_sampler
-        return _SkipFirstBatches(sampler, self._skip_now) if self._skip_now else sampler
-
-    def _get_iterator(self):
-        try:
-            return super()._get_iterator()
-        finally:
-            self._skip_now = 0
-
-    def __iter__(self):
-        # a generator: this runs at the first ``next``, after Lightning's ``set_epoch`` (``FitLoop.setup_data``
-        # calls ``iter()`` before it sets the epoch), so neither the skip nor worker prefetching sees a stale epoch
         skip = 0
         if self._resume_at is not None:
             (epoch, skip), self._resume_at = self._resume_at, None
-            if epoch is not None and self._sampler_epoch() != epoch:  # another epoch: start it at its first batch
+            if epoch != self.epoch:  # the trainer moved to another epoch: start it at its first sample
                 skip = 0
-        if skip and self._iterator is not None:  # a persistent-workers iterator would ignore the skip
-            self._iterator = None
-        self._skip_now, self._yielded = skip, skip
-        for batch in super().__iter__():
-            self._yielded += 1
-            yield batch
+        self.yielded = skip
+        for index in itertools.islice(super().__iter__(), skip, None):
+            self.yielded += 1
+            yield index
 
-    def state_dict(self) -> dict[str, int | None]:
-        consumed = self.position() if self.position is not None else None
-        return {"epoch": self._sampler_epoch(), "consumed": self._yielded if consumed is None else int(consumed)}
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "yielded": self.yielded}
 
-    def load_state_dict(self, state: dict[str, int | None]) -> None:
-        epoch, consumed = state.get("epoch"), int(state.get("consumed") or 0)
-        if epoch is not None and consumed >= len(self):  # the epoch was finished: the next one starts afresh
-            epoch, consumed = epoch + 1, 0
-        if epoch is not None and hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)  # Lightning sets the same epoch again before the epoch runs
-        self._resume_at = (epoch, consumed) if consumed else None
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, yielded = int(state["epoch"]), int(state["yielded"])
+        processed = self.processed_batches() if self.processed_batches is not None else None
+        if processed is not None:
+            yielded = min(yielded, processed * self.batch_size)
+        if yielded >= len(self):  # the epoch was finished: the next one starts afresh
+            epoch, yielded = epoch + 1, 0
+        self.set_epoch(epoch)  # Lightning sets the same epoch again before the epoch runs
+        self._resume_at = (epoch, yielded) if yielded else None
+
+
+def training_loader(
+    datamodule: Any, dataset: Sized, batch_size: int, seed: int,
+    processed_batches: Callable[[], int | None] | None = None, **loader_kwargs: Any,
+) -> StatefulDataLoader:
+    """The resumable training DataLoader of ``datamodule`` (its trainer, if attached, says the DDP rank and size)."""
+    trainer = getattr(datamodule, "trainer", None)
+    world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+    sampler = ResumableSampler(dataset, seed=seed, batch_size=batch_size, num_replicas=max(1, world), rank=rank,
+                               processed_batches=processed_batches)
+    return StatefulDataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs)

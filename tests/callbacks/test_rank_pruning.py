@@ -171,6 +171,7 @@ class RecordEvents(Callback):
         torch.save(self.events, Path(self.folder) / f"rank{trainer.global_rank}.pt")
 
 
+@pytest.mark.integration  # two processes
 def test_ddp_two_processes_have_identical_masks_and_importance(tiny_bert, tmp_path):
     module = adalora(tiny_bert, tinit=1, tfinal=2, delta_t=1)
     recorder = RecordEvents(str(tmp_path))

@@ -153,6 +153,7 @@ def test_export_folder_with_a_missing_or_damaged_file_is_a_clear_error(trained, 
 def test_damaged_checkpoint_given_to_trainer_fit_from_python_is_a_clear_error(trained, tmp_path, tiny_bert):
     import lightning as L
 
+    from lora_lightning.checkpoint import SafeCheckpointIO
     from lora_lightning.data import TextClassificationDataModule
 
     _, last = trained
@@ -160,7 +161,7 @@ def test_damaged_checkpoint_given_to_trainer_fit_from_python_is_a_clear_error(tr
                                         max_eval_samples=8, max_length=16, batch_size=8, num_labels=2)
     for damaged in damaged_copies(last, tmp_path):
         trainer = L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, default_root_dir=tmp_path)
+                            enable_progress_bar=False, default_root_dir=tmp_path, plugins=[SafeCheckpointIO()])
         with pytest.raises(CheckpointReadError, match=f"'{damaged}' cannot be read .*truncated or corrupted"):
             trainer.fit(LoRAModule(backbone=tiny_bert, rank=2), data, ckpt_path=damaged)
         assert trainer.global_step == 0

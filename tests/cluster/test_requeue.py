@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import pytest
 
+from tests.data.test_resumable_loader import sampler_state
 from tests.cluster.launcher import JOB_ID, assert_same, available_methods, finish, launch, slurm_env, write_config
 
 pytestmark = pytest.mark.integration
@@ -52,8 +53,11 @@ def test_requeue_resumes_to_the_uninterrupted_result(method, tiny_bert, tmp_path
     assert (run / "hpc_ckpt_1.ckpt").is_file(), output[-3000:]
     requeue_checkpoint = torch.load(run / "hpc_ckpt_1.ckpt", weights_only=True)
     assert requeue_checkpoint["global_step"] == SIGNAL_STEP
-    # written in the signal handler at the start of batch 1 of epoch 1 (fetched, not trained on): 1 batch consumed
-    assert requeue_checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 1, "consumed": 1}]
+    # written in the signal handler at the start of batch 1 of epoch 1: fetched (2 batches of 4 in the sampler's
+    # state) but not trained on (1 processed batch in the loop's state), so the resumed fit skips 1 batch, not 2
+    (loader_state,) = requeue_checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert sampler_state(loader_state) == {"epoch": 1, "yielded": 8}
+    assert requeue_checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 1
     assert not (run / "final0.pt").exists(), "the first launch went on training after the requeue"
 
     second = launch(config, env=slurm_env(), log=run / "second.log")

@@ -8,6 +8,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from tests.data.test_resumable_loader import sampler_state
 from tests.integration.test_trainer_features import SaveRankState, adapter_state, assert_same_state, data, model, trainer
 
 pytestmark = pytest.mark.integration
@@ -44,7 +45,8 @@ def test_mid_epoch_resume_equals_uninterrupted_fit(tiny_bert, tmp_path, resume_s
     ckpt = tmp_path / "ckpt" / f"step={resume_step}.ckpt"
     consumed = resume_step * accumulate % 4
     assert consumed, "the checkpoint must be mid-epoch"
-    assert torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]["consumed"] == consumed
+    saved = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert sampler_state(saved) == {"epoch": resume_step * accumulate // 4, "yielded": consumed * 8}
 
     resumed_batches = RecordBatches()
     resumed = model(tiny_bert)
@@ -66,7 +68,8 @@ def test_ddp_mid_epoch_resume_equals_uninterrupted_fit(tiny_bert, tmp_path):
     trainer(tmp_path / "reference", enable_checkpointing=True, **ddp, callbacks=[
         checkpoints(tmp_path / "ckpt"), SaveRankState(str(tmp_path / "reference"))]).fit(model(tiny_bert), data(tiny_bert))
     ckpt = tmp_path / "ckpt" / "step=3.ckpt"
-    assert torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0] == {"epoch": 1, "consumed": 1}
+    saved = torch.load(ckpt, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert sampler_state(saved) == {"epoch": 1, "yielded": 8}  # one batch of this rank's shard
     trainer(tmp_path / "resumed", **ddp, callbacks=[SaveRankState(str(tmp_path / "resumed"))]).fit(
         model(tiny_bert), data(tiny_bert), ckpt_path=ckpt)
     for rank in range(2):
