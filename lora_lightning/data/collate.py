@@ -49,19 +49,31 @@ class ClassificationCollator:
 
 
 class CausalLMCollator:
-    """Right-pads ``input_ids`` with the pad id and ``labels`` with -100; ``attention_mask`` is 0 on padding."""
+    """Right-pads ``input_ids`` with the pad id and ``labels`` with -100; ``attention_mask`` is 0 on padding.
+
+    Packed rows (features with ``position_ids``, see :mod:`lora_lightning.data.packing`) get no ``attention_mask``:
+    their ``position_ids`` tell ``transformers`` where examples start, the padding tail is one more segment that
+    restarts at position 0, and ``use_cache=False`` because a cache would switch the packed-sequence mask off.
+    """
 
     def __init__(self, pad_token_id: int) -> None:
         self.pad_token_id = pad_token_id
 
-    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        packed = "position_ids" in features[0]
         length = max(len(feature["input_ids"]) for feature in features)
         input_ids = torch.full((len(features), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(features), length), dtype=torch.long)
+        position_ids = torch.zeros((len(features), length), dtype=torch.long)
         for row, feature in enumerate(features):
             n = len(feature["input_ids"])
             input_ids[row, :n] = torch.tensor(feature["input_ids"])
             labels[row, :n] = torch.tensor(feature["labels"])
             attention_mask[row, :n] = 1
+            if packed:
+                position_ids[row, :n] = torch.tensor(feature["position_ids"])
+                position_ids[row, n:] = torch.arange(length - n)
+        if packed:
+            return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "use_cache": False}
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
