@@ -165,3 +165,13 @@ def test_damaged_checkpoint_given_to_trainer_fit_from_python_is_a_clear_error(tr
         with pytest.raises(CheckpointReadError, match=f"'{damaged}' cannot be read .*truncated or corrupted"):
             trainer.fit(LoRAModule(backbone=tiny_bert, rank=2), data, ckpt_path=damaged)
         assert trainer.global_step == 0
+
+
+def test_cli_trainer_reads_checkpoints_through_safe_checkpoint_io(trained, tmp_path):
+    from lora_lightning.checkpoint import SafeCheckpointIO
+
+    config, last = trained
+    cli = run_cli(["validate", "--config", str(config), "--trainer.default_root_dir", str(tmp_path),
+                   "--ckpt_path", str(last)])
+    assert isinstance(cli.trainer.strategy.checkpoint_io, SafeCheckpointIO)
+    assert cli.trainer.ckpt_path == str(last)
