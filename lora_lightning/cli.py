@@ -16,6 +16,7 @@ from lora_lightning import modules
 from lora_lightning.callbacks.predictions import PredictionWriter
 from lora_lightning.callbacks.summary import RunSummary
 from lora_lightning.checkpoint import read_checkpoint
+from lora_lightning.console import console_callbacks, default_logger, quiet_third_party
 from lora_lightning.export import export_checkpoint, export_formats
 from lora_lightning.modules.base import AdapterModule
 
@@ -119,6 +120,18 @@ class LoRALightningCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         clamp_val_check_interval(self.config[subcommand]["trainer"] if subcommand else self.config["trainer"])
 
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        # the console defaults (lora_lightning/console.py) depend on the trainer config, so they are added here
+        # rather than in trainer_defaults: Lightning refuses a progress bar with enable_progress_bar false, etc.
+        config = self.config_init[self.subcommand]["trainer"]
+        configured = config.get("callbacks") or []
+        kwargs.setdefault("callbacks", [*(configured if isinstance(configured, list) else [configured]),
+                                        *console_callbacks(config)])
+        logger = default_logger(config)
+        if logger is not None:
+            kwargs.setdefault("logger", logger)
+        return super().instantiate_trainer(**kwargs)
+
     def before_fit(self) -> None:
         kwargs = self.config_init[self.subcommand]
         ckpt_path = resolve_resume_checkpoint(self.trainer, kwargs.get("ckpt_path"))
@@ -150,6 +163,12 @@ def export_main(argv: list[str]) -> None:
 
 
 DEBUG_ENV = "LORA_LIGHTNING_DEBUG"
+TOP_LEVEL_HELP = (
+    "LoRA, AdaLoRA, HyperAdaLoRA and Sensitivity-LoRA fine-tuning. Subcommands: fit, validate, test, predict "
+    "(listed below; 'lora-lightning fit --help') and export: 'lora-lightning export --checkpoint CKPT --output DIR "
+    "[--format FORMAT]' writes a PEFT adapter folder or a merged model ('lora-lightning export --help'). "
+    f"Errors print one line; {DEBUG_ENV}=1 shows the full traceback."
+)
 
 
 def error_line(error: BaseException) -> str:
@@ -172,6 +191,7 @@ def main(args: list[str] | None = None) -> None:
     exits with status 1; ``LORA_LIGHTNING_DEBUG=1`` shows the full traceback. Called with ``args``, it raises.
     """
     argv = sys.argv[1:] if args is None else args
+    quiet_third_party(argv[0] if argv else None)
     try:
         if argv and argv[0] == "export":
             export_main(argv[1:])
@@ -194,6 +214,7 @@ def run_cli(args: list[str] | None = None) -> LoRALightningCLI:
         subclass_mode_data=True,
         trainer_defaults={"callbacks": [RunSummary(), PredictionWriter()], "plugins": [CHECKPOINT_IO]},
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": TOP_LEVEL_HELP},
         auto_configure_optimizers=False,
         args=args,
     )

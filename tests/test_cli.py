@@ -80,3 +80,34 @@ def test_alpha_zero_is_a_one_line_error(tiny_bert, tmp_path, monkeypatch, capsys
     assert code == 1 and "Traceback" not in err
     assert err.splitlines()[-2].startswith("lora-lightning: error: ValueError (in lora_lightning.modules.LoRAModule): "
                                            "alpha must be > 0")
+
+
+def test_fit_console_is_quiet_and_logs_the_learning_rate(tiny_bert, tmp_path, capfd, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = write_config(tmp_path, tiny_bert)
+    cli_main(["fit", "--config", config, "--trainer.enable_progress_bar", "true", "--trainer.log_every_n_steps", "1"])
+    out, err = capfd.readouterr()
+    console = out + err + caplog.text
+    noises = ("LOAD REPORT", "litlogger", "litmodels", "LeafSpec", "FLOPs", "v_num", "Epoch 0/-", "Loading weights")
+    for noise in noises:
+        assert noise not in console, noise
+    assert "Parameters: " in console and "trainable of" in console
+    (events,) = list((tmp_path / "runs").rglob("events.out.tfevents.*"))
+    scalars = EventAccumulator(str(events.parent)).Reload().Tags()["scalars"]
+    assert "hp_metric" not in scalars
+    assert [tag for tag in scalars if tag.startswith("lr-")] == ["lr-AdamW/adapters"]
+    # the run summary is printed after the progress bar closed, not inside it
+    assert console.rindex("=== lora-lightning: fit finished") > console.rindex("Epoch 0")
+
+
+def test_help_lists_export_and_describes_data_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--help"])
+    assert exit_info.value.code == 0
+    assert "lora-lightning export --checkpoint CKPT --output DIR" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--data.help", "lora_lightning.data.TextClassificationDataModule"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--data.label_field LABEL_FIELD the label column: class ids, class names or real" in text
+    assert "--data.num_labels NUM_LABELS number of classes (1 = regression)" in text

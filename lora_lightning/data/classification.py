@@ -46,6 +46,24 @@ class TextClassificationDataModule(TokenizedDataModule):
     examples becomes the validation split. ``predict_dataloader``/``test_dataloader`` use ``test_file`` when given
     (its label column is optional), else the validation split. Integer labels are class ids; text labels are
     sorted to give ids; real-valued labels (or ``num_labels=1``) mean regression.
+
+    Args:
+        backbone: model alias or folder whose tokenizer is used (linked from ``model.init_args.backbone``).
+        source: ``rotten_tomatoes`` (packaged), ``files`` (train_file/validation_file/test_file) or ``glue/<task>``.
+        train_file: csv, tsv or jsonl (optionally .gz/.bz2) with the text and label columns; ``source: files`` only.
+        validation_file: held-out labelled file; without it, ``validation_fraction`` of train_file is held out.
+        test_file: file for ``test``/``predict``; its label column is optional.
+        text_fields: one column (single sentence) or two (sentence pair); default ``[text]`` or the GLUE task's.
+        label_field: the label column: class ids, class names or real-valued scores.
+        num_labels: number of classes (1 = regression); inferred from the labels when unset.
+        max_length: longest tokenised input; longer inputs are truncated.
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size (default: batch_size).
+        num_workers: DataLoader worker processes.
+        max_train_samples: keep a seeded random subset of this many training examples.
+        max_eval_samples: keep a seeded random subset of this many validation/test examples.
+        validation_fraction: share of the training examples held out when there is no validation file.
+        seed: seed of the validation split and the subsets.
     """
 
     def __init__(
