@@ -15,7 +15,7 @@ from lora_lightning.adapters.svd import SVDLinear
 from lora_lightning.allocation.budget import resolve_steps
 from lora_lightning.allocation.importance import RankUnit, orthogonal_regularizer
 from lora_lightning.callbacks.rank_pruning import RankPruningScheduler, validate_ranks
-from lora_lightning.modules.base import AdapterModule
+from lora_lightning.modules.base import AdapterModule, not_configured
 
 
 class AdaLoRAModule(AdapterModule):
@@ -75,9 +75,11 @@ class AdaLoRAModule(AdapterModule):
 
     # ----------------------------------------------------------------- the rank-unit interface
     def rank_units(self) -> dict[str, RankUnit]:
-        """Per adapted matrix, its leaf ``(P, Λ, Q)`` parameters and rank-mask buffer (see RankPruningScheduler)."""
+        """Per adapted matrix, its leaf ``(P, Λ, Q)`` parameters and rank-mask buffer; Λ is also the tensor that
+        pruning truncates (see RankPruningScheduler)."""
         return {
-            name: RankUnit(layer.lora_P, layer.lora_lambda, layer.lora_Q, layer.rank_mask)
+            name: RankUnit(layer.lora_P, layer.lora_lambda, layer.lora_Q, layer.rank_mask,
+                           stored_lam=layer.lora_lambda)
             for name, layer in self.adapters.items()
             if isinstance(layer, SVDLinear)
         }
@@ -93,7 +95,5 @@ class AdaLoRAModule(AdapterModule):
         return {"orth_reg": self.orth_reg_weight * orthogonal_regularizer(pairs)}
 
     def configure_callbacks(self):
-        trainer = self._trainer
-        if trainer is not None and any(isinstance(cb, RankPruningScheduler) for cb in trainer.callbacks):
-            return []  # the user configured one (e.g. in YAML): theirs wins
-        return [RankPruningScheduler(**self.schedule_args, target_r=self.target_r)]
+        scheduler = RankPruningScheduler(**self.schedule_args, target_r=self.target_r)
+        return [*super().configure_callbacks(), *not_configured(self._trainer, [scheduler])]  # a configured one wins

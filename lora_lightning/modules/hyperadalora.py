@@ -19,9 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from lora_lightning.adapters.hyper import AdapterHypernet, HyperLoRALinear, HyperSVDLinear
+from lora_lightning.allocation.flat import flatten, unflatten
 from lora_lightning.allocation.importance import RankUnit, orthogonal_regularizer
 from lora_lightning.callbacks.hypernet_warmup import HypernetWarmup
 from lora_lightning.modules.adalora import AdaLoRAModule
+from lora_lightning.modules.base import not_configured
 from lora_lightning.modules.lora import LoRAModule, pattern_value
 
 HYPERNET_GROUP = "hypernet"
@@ -44,6 +46,11 @@ class _HypernetMixin:
         self.hypernet = AdapterHypernet(self.adapters, mode=mode, hidden=hidden, heads=heads)
         self.hypernet_lr, self.hypernet_warmup = hypernet_lr, hypernet_warmup
 
+    def forward(self, batch: dict[str, Tensor]):
+        if self.hypernet is not None and torch.is_grad_enabled():
+            self.hypernet.pin()  # generated once, outside the backbone's (possibly checkpointed) blocks
+        return super().forward(batch)
+
     def param_groups(self) -> list[dict[str, Any]]:
         groups = [g for g in super().param_groups() if g["params"]]  # base factors: empty unless mode=residual
         lr = self.hypernet_lr if self.hypernet_lr is not None else (
@@ -58,19 +65,21 @@ class _HypernetMixin:
         return keys
 
     def _warmup_callbacks(self) -> list:
-        trainer = self._trainer
-        if trainer is not None and any(isinstance(cb, HypernetWarmup) for cb in trainer.callbacks):
-            return []
-        return [HypernetWarmup(self.hypernet_warmup, group_name=HYPERNET_GROUP)]
+        return not_configured(self._trainer, [HypernetWarmup(self.hypernet_warmup, group_name=HYPERNET_GROUP)])
 
     def on_before_optimizer_step(self, optimizer) -> None:
         # Gradients of the generated tensors (importance) are per process: average them as DDP averages the
-        # parameters' gradients, so every rank scores the same numbers.
+        # parameters' gradients, so every rank scores the same numbers (one all-reduce for all of them).
         if self.hypernet is None or self.trainer.world_size == 1:
             return
-        for store in self.hypernet.generated_grads:
-            for key, grad in store.items():
-                store[key] = self.trainer.strategy.reduce(grad, reduce_op="mean")
+        stores = self.hypernet.generated_grads
+        keys = [(i, key) for i, store in enumerate(stores) for key in sorted(store)]
+        if not keys:
+            return
+        grads = [stores[i][key] for i, key in keys]
+        flat = self.trainer.strategy.reduce(flatten(grads), reduce_op="mean")
+        for (i, key), grad in zip(keys, unflatten(flat, grads)):
+            stores[i][key] = grad
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -112,7 +121,12 @@ class HyperAdaLoRAModule(_HypernetMixin, AdaLoRAModule):
 
     def rank_units(self) -> dict[str, RankUnit]:
         """Per matrix, the generated P, Λ (unmasked), Q at the current (post-step) parameters, each carrying in
-        ``.grad`` the gradient of the generated tensor summed over the micro-batches of the step just taken."""
+        ``.grad`` the gradient of the generated tensor summed over the micro-batches of the step just taken.
+
+        Truncation (our reading for a generated Λ = Λ̄ + G(Λ̄)): a pruned triplet's base entry Λ̄_i and its optimiser
+        moments are set to 0 at each event (residual and recurrent modes; seeded Λ̄ is frozen), so a triplet kept
+        again restarts from the generator's increment alone. The mask, not the truncation, keeps the generated
+        Λ_i out of the forward; between events Λ̄_i may move (other rank tokens attend to it)."""
         if self.hypernet is None:  # materialised: plain SVD layers
             return super().rank_units()
         with torch.no_grad():
@@ -125,7 +139,8 @@ class HyperAdaLoRAModule(_HypernetMixin, AdaLoRAModule):
                 t = values[fname].detach().clone()
                 t.grad = grads.get(fname)
                 tensors.append(t)
-            units[name] = RankUnit(*tensors, layer.rank_mask)
+            stored_lam = None if self.hypernet.mode == "seeded" else layer.lora_lambda
+            units[name] = RankUnit(*tensors, layer.rank_mask, stored_lam=stored_lam)
         return units
 
     def extra_losses(self) -> dict[str, Tensor]:

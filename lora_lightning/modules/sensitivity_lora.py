@@ -21,6 +21,7 @@ from lora_lightning.allocation.sensitivity import (
     lora_parameter_count,
     sensitivity_allocation,
 )
+from lora_lightning.modules.base import not_configured
 from lora_lightning.modules.lora import LoRAModule
 
 CHECKPOINT_SECTION = "sensitivity_lora"
@@ -119,9 +120,7 @@ class SensitivityLoRAModule(LoRAModule):
     def configure_callbacks(self):
         from lora_lightning.callbacks.sensitivity import HessianSensitivityEstimator
 
-        trainer = self._trainer
-        configured = trainer is not None and any(isinstance(c, HessianSensitivityEstimator) for c in trainer.callbacks)
-        return [] if configured else [HessianSensitivityEstimator()]
+        return [*super().configure_callbacks(), *not_configured(self._trainer, [HessianSensitivityEstimator()])]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
