@@ -204,8 +204,6 @@ def export_merged(module: AdapterModule, folder: str | os.PathLike, overwrite: b
     return Path(folder)
 
 
-
-
 def export_formats() -> list[str]:
     """Every ``format`` :func:`export_checkpoint` accepts: the registered PEFT formats and ``merged``."""
     return [*sorted(PEFT_FORMATS), "merged"]
