@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.callbacks import Callback
+
+from lora_lightning.allocation.importance import ImportanceTracker
 
 
 def random_batch(vocab_size: int = 30522, batch_size: int = 4, seq_len: int = 12, num_labels: int = 2, seed: int = 0):
@@ -25,3 +28,59 @@ def quiet_trainer(**kwargs):
     defaults = dict(accelerator="cpu", devices=1, enable_progress_bar=False, logger=False, enable_model_summary=False,
                     enable_checkpointing=False)
     return L.Trainer(**{**defaults, **kwargs})
+
+
+class FlipFirstTriplet(ImportanceTracker):
+    """AdaLoRA's importance, except for the first unit's triplet 0: last at odd masking events, first at even ones,
+    so that it is pruned and kept again in turn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events = 0
+
+    def triplet_scores(self, units):
+        self.events += 1
+        scores = super().triplet_scores(units)
+        first = next(iter(scores))
+        scores[first] = scores[first].clone()
+        scores[first][0] = float("inf") if self.events % 2 == 0 else float("-inf")
+        return scores
+
+
+class TruncationProbe(Callback):
+    """Listed after the RankPruningScheduler, records after every optimiser step: whether it was a masking event, the
+    largest |value| left at pruned triplets in any unit's ``stored_lam`` and in its optimiser state of that shape,
+    how many such state tensors were seen, and the first unit's triplet 0 (kept?, stored Λ, moments)."""
+
+    def __init__(self) -> None:
+        self.steps: dict[int, dict] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from lora_lightning.callbacks import RankPruningScheduler
+
+        schedule = next(cb for cb in trainer.callbacks if isinstance(cb, RankPruningScheduler)).schedule
+        state, step = trainer.optimizers[0].state, trainer.global_step
+        units = pl_module.rank_units()
+        residue, moments = 0.0, 0
+        for unit in units.values():
+            pruned = unit.mask == 0
+            per_entry = [t for t in state.get(unit.stored_lam, {}).values()
+                         if torch.is_tensor(t) and t.shape == unit.stored_lam.shape]
+            moments += len(per_entry)
+            for t in [unit.stored_lam.detach(), *per_entry]:
+                if pruned.any():
+                    residue = max(residue, t[pruned].abs().max().item())
+        first = next(iter(units.values()))
+        self.steps[step] = {
+            "event": schedule.masks_at(step) or step == schedule.final_step,
+            "residue": residue, "moments": moments, "pruned": sum(int((u.mask == 0).sum()) for u in units.values()),
+            "first_kept": bool(first.mask[0]), "first_lam": first.stored_lam[0].item(),
+            "first_state": [t[0].item() for t in state.get(first.stored_lam, {}).values()
+                            if torch.is_tensor(t) and t.shape == first.stored_lam.shape],
+        }
+
+    def rekept_steps(self) -> list[int]:
+        """Steps at which the first unit's triplet 0 came back after being pruned."""
+        steps = sorted(self.steps)
+        return [s for prev, s in zip(steps, steps[1:])
+                if self.steps[s]["first_kept"] and not self.steps[prev]["first_kept"]]

@@ -8,16 +8,19 @@ Steps ``t`` are optimiser steps counted from 1 (``t`` = steps taken so far). Wit
 * ``t >= T - tfinal``: the target ``b_T = r_target · n``; the pattern is fixed once, at the first such step, and kept.
   (``>=``: a counter that skips the exact step still finalises.)
 
-This is PEFT's ``RankAllocator`` schedule as driven by ``AdaLoraModel.update_and_allocate``.
+This is PEFT's ``RankAllocator`` schedule as driven by ``AdaLoraModel.update_and_allocate``. What masking does to Λ
+differs from PEFT (see :func:`truncate`).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from lora_lightning.allocation.flat import flatten, unflatten
+from lora_lightning.allocation.importance import RankUnit
 
 
 def resolve_steps(value: int | float, total_step: int, name: str) -> int:
@@ -91,3 +94,25 @@ def top_b_masks(scores: dict[str, Tensor], budget: int) -> dict[str, Tensor]:
         order = torch.sort(flat, descending=True, stable=True).indices
         keep[order[:budget]] = True
     return dict(zip(scores, unflatten(keep.float(), list(scores.values()))))
+
+
+@torch.no_grad()
+def truncate(units: Mapping[str, RankUnit], keep: Mapping[str, Tensor],
+             optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
+    """The paper's truncation of pruned triplets: wherever ``keep[name]`` is 0, set the entry of the unit's
+    ``stored_lam`` to 0 and the same entry of every state tensor of its shape that an optimiser holds for it
+    (AdamW's ``exp_avg``/``exp_avg_sq``, SGD's momentum buffer, ...). A masked Λ entry then gets no gradient and no
+    momentum, so it stays exactly 0 until an event keeps it again, and it restarts from 0. (PEFT instead writes 0
+    into Λ at each event and lets the pruned entries regrow, with their old moments, until the next one.)
+    Units without ``stored_lam`` are left alone."""
+    states = [optimizer.state for optimizer in optimizers]
+    for name, unit in units.items():
+        stored = unit.stored_lam
+        if stored is None:
+            continue
+        pruned = keep[name].reshape(stored.shape).to(stored.device) == 0
+        stored.masked_fill_(pruned, 0.0)
+        for state in states:
+            for value in state.get(stored, {}).values():
+                if torch.is_tensor(value) and value.shape == stored.shape:
+                    value.masked_fill_(pruned.to(value.device), 0.0)

@@ -30,6 +30,9 @@ class RankUnit:
         lam: ``(r,)`` singular values (unmasked: the raw values, not ``Λ ⊙ m``).
         Q: ``(r, d_in)`` right singular vectors.
         mask: ``(r,)`` float 0/1 buffer; the allocator writes the kept triplets into it in place.
+        stored_lam: the stored tensor behind Λ (a parameter or buffer with ``r`` entries) in which pruning acts as
+            the paper's truncation (:func:`~lora_lightning.allocation.budget.truncate`): AdaLoRA's Λ itself,
+            HyperAdaLoRA's base Λ̄. ``None``: the triplets are only masked.
 
     ``P``, ``lam`` and ``Q`` must hold, when the allocator runs (right after an optimiser step), the values the
     importance is measured on and, in ``.grad``, the gradient of the step just taken. Leaf parameters do this by
@@ -41,6 +44,7 @@ class RankUnit:
     lam: Tensor
     Q: Tensor
     mask: Tensor
+    stored_lam: Tensor | None = None
 
     @property
     def rank(self) -> int:

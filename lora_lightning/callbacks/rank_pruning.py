@@ -8,14 +8,18 @@ What the LightningModule must provide (the whole interface; nothing else of the 
   taken when ``on_train_batch_end`` runs, and ``mask``, an ``(r,)`` float buffer the scheduler overwrites in place
   with 0/1 (the module must apply it multiplicatively, e.g. ``Λ ⊙ m``). Leaf parameters satisfy this as they are
   (AdaLoRA); generated tensors must ``retain_grad()`` in the forward and be cached until then (HyperAdaLoRA).
+  ``stored_lam``: the parameter or buffer the truncation zeroes (AdaLoRA's Λ; HyperAdaLoRA's base Λ̄), or ``None``.
 * ``target_r`` (int) attribute, unless the scheduler is given ``target_r``: the average rank to end with.
 
 What it does, per optimiser step ``t`` (= ``trainer.global_step`` after the step; micro-batches of gradient
 accumulation are not steps): update the importance EMAs (unless ``t >= T - tfinal``; a step with non-finite
 gradients, such as one skipped by fp16 loss scaling, is left out of the EMAs), then mask to the budget ``b(t)`` every
-``delta_t`` steps, and fix the target pattern at the first ``t >= T - tfinal``. Masks are computed from state that is
-identical on every DDP rank (gradients are all-reduced before the step) and then broadcast from rank 0, so no rank
-can drift. Its state (EMAs in fp32, masks, the step it has reached, whether the pattern is final) is its
+``delta_t`` steps, and fix the target pattern at the first ``t >= T - tfinal``. Masking is the paper's truncation: a
+unit's ``stored_lam`` (if it gives one) is set to 0 at pruned triplets, with its optimiser moments, at every event,
+so a pruned triplet stays at Λ = 0 and restarts from 0 when kept again; PEFT instead zeroes Λ at events only and
+lets pruned entries regrow in between. Masks are computed from state that is identical on every DDP rank (gradients
+are all-reduced before the step) and then broadcast from rank 0, so no rank can drift; the truncation follows the
+broadcast masks, so it is identical on every rank too. Its state (EMAs in fp32, masks, the step it has reached, whether the pattern is final) is its
 ``state_dict``, which Lightning stores in checkpoints: a resumed run continues exactly.
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lora_lightning.allocation.budget import BudgetSchedule, resolve_steps, top_b_masks
+from lora_lightning.allocation.budget import BudgetSchedule, resolve_steps, top_b_masks, truncate
 from lora_lightning.allocation.flat import flatten, unflatten
 from lora_lightning.allocation.importance import ImportanceTracker, RankUnit
 from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary, report_folder, write_rank_pattern
@@ -188,8 +192,11 @@ class RankPruningScheduler(Callback):
         masks = top_b_masks(self.importance.triplet_scores(units), budget)
         masks = self._broadcast(masks, trainer)
         with torch.no_grad():
+            # pruned now or before this event: Λ restarts from 0 (truncation), whatever happened in between
+            kept_throughout = {name: unit.mask * masks[name].to(unit.mask) for name, unit in units.items()}
             for name, unit in units.items():
                 unit.mask.copy_(masks[name].to(unit.mask))
+        truncate(units, kept_throughout, trainer.optimizers if trainer is not None else ())
         self.budget = budget
         if trainer is not None:
             self._report_event(trainer, pl_module, units, step)

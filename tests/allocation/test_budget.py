@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lora_lightning.allocation.budget import BudgetSchedule, resolve_steps, top_b_masks
+from lora_lightning.allocation.budget import BudgetSchedule, resolve_steps, top_b_masks, truncate
+from lora_lightning.allocation.importance import RankUnit
 
 
 def test_budget_phases_hand_values():
@@ -70,3 +71,50 @@ def test_phases_as_fractions_of_the_run():
         resolve_steps(1.5, 250, "tfinal")
     with pytest.raises(ValueError, match=">= 0"):
         resolve_steps(-1, 250, "tfinal")
+
+
+# ----------------------------------------------------------------- truncation of pruned triplets
+def trained_unit(optimizer_cls, **options):
+    """A unit whose Λ has taken two optimiser steps (non-zero moments), with its optimiser."""
+    lam = torch.nn.Parameter(torch.tensor([0.5, -0.3, 0.2, 0.7]))
+    unit = RankUnit(torch.zeros(3, 4), lam, torch.zeros(4, 5), torch.ones(4), stored_lam=lam)
+    optimizer = optimizer_cls([lam], lr=0.1, **options)
+    for _ in range(2):
+        lam.grad = torch.tensor([1.0, -2.0, 3.0, -4.0])
+        optimizer.step()
+    return unit, optimizer
+
+
+@pytest.mark.parametrize("optimizer_cls, options, moments", [
+    (torch.optim.AdamW, {}, ("exp_avg", "exp_avg_sq")),
+    (torch.optim.Adam, {"amsgrad": True}, ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")),
+    (torch.optim.SGD, {"momentum": 0.9}, ("momentum_buffer",)),
+])
+def test_truncate_zeroes_pruned_lambda_and_its_optimizer_state(optimizer_cls, options, moments):
+    unit, optimizer = trained_unit(optimizer_cls, **options)
+    state = optimizer.state[unit.lam]
+    before = {k: v.clone() for k, v in state.items()}
+    lam_before = unit.lam.detach().clone()
+    assert all(before[m].ne(0).all() for m in moments)
+    truncate({"u": unit}, {"u": torch.tensor([1.0, 0.0, 1.0, 0.0])}, [optimizer])
+    assert unit.lam.tolist() == [lam_before[0].item(), 0.0, lam_before[2].item(), 0.0]
+    for m in moments:
+        assert state[m][1] == 0 and state[m][3] == 0, m
+        assert torch.equal(state[m][[0, 2]], before[m][[0, 2]]), m
+    if "step" in state:
+        assert torch.equal(state["step"], before["step"])  # scalars are not per-entry state
+    # masked entries get no gradient: they stay exactly 0 through further steps
+    unit.lam.grad = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    optimizer.step()
+    assert unit.lam[1] == 0 and unit.lam[3] == 0 and all(state[m][[1, 3]].eq(0).all() for m in moments)
+
+
+def test_truncate_leaves_units_without_stored_lambda_and_unknown_optimizers_alone():
+    unit, optimizer = trained_unit(torch.optim.AdamW)
+    observed = RankUnit(unit.P, unit.lam, unit.Q, unit.mask)  # no stored_lam: masked only
+    lam_before, state_before = unit.lam.detach().clone(), optimizer.state[unit.lam]["exp_avg"].clone()
+    truncate({"u": observed}, {"u": torch.zeros(4)}, [optimizer])
+    assert torch.equal(unit.lam.detach(), lam_before)
+    assert torch.equal(optimizer.state[unit.lam]["exp_avg"], state_before)
+    truncate({"u": unit}, {"u": torch.zeros(4)})  # no optimiser: Λ only
+    assert unit.lam.eq(0).all() and torch.equal(optimizer.state[unit.lam]["exp_avg"], state_before)

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from tests.helpers import batch_loader, quiet_trainer
+from tests.helpers import FlipFirstTriplet, TruncationProbe, batch_loader, quiet_trainer
 from lora_lightning.allocation.importance import RankUnit
 from lora_lightning.callbacks import RankPruningScheduler
 from lora_lightning.callbacks.rank_report import (
@@ -150,6 +150,25 @@ def test_resume_mid_budget_phase_matches_uninterrupted_run(tiny_bert, tmp_path):
         torch.use_deterministic_algorithms(False)
 
 
+# ----------------------------------------------------------------- truncation of pruned triplets
+def test_pruned_lambda_and_adam_moments_stay_zero_and_a_rekept_triplet_restarts_from_zero(tiny_bert):
+    module = adalora(tiny_bert)
+    probe = TruncationProbe()
+    # T = 12: events at steps 2, 4, 6, 8 and the final one at 10; the first triplet is pruned at odd events, kept at
+    # even ones (steps 4 and 8); the steps between events train with the masks fixed
+    scheduler = RankPruningScheduler(tinit=1, tfinal=2, delta_t=2, importance=FlipFirstTriplet())
+    quiet_trainer(max_steps=12, callbacks=[scheduler, probe]).fit(module, batch_loader(12))
+    steps = probe.steps
+    assert all(s["moments"] == 2 * len(module.adapters) for s in steps.values())  # AdamW's exp_avg, exp_avg_sq
+    assert [t for t, s in steps.items() if s["pruned"]] == list(range(2, 13))
+    # AdaLoRA: a pruned Λ entry and its moments are exactly 0 after every step, not only at events
+    assert all(s["residue"] == 0.0 for s in steps.values()), {t: s["residue"] for t, s in steps.items()}
+    assert probe.rekept_steps() == [4, 8]
+    for t in probe.rekept_steps():
+        assert steps[t]["first_lam"] == 0.0 and steps[t]["first_state"] == [0.0, 0.0], t  # restarts from 0
+        assert steps[t + 1]["first_lam"] != 0.0, t  # and trains again
+
+
 # ----------------------------------------------------------------- DDP
 class RecordEvents(Callback):
     """Writes, per rank, the masks and importance EMAs at every masking event."""
@@ -161,8 +180,12 @@ class RecordEvents(Callback):
         sched = scheduler_of(trainer)
         step = trainer.global_step
         if sched.schedule.masks_at(step) or step == sched.schedule.final_step:
+            units, state = pl_module.rank_units(), trainer.optimizers[0].state
             self.events[step] = {
-                "masks": {n: u.mask.clone() for n, u in pl_module.rank_units().items()},
+                "masks": {n: u.mask.clone() for n, u in units.items()},
+                "lam": {n: u.stored_lam.detach().clone() for n, u in units.items()},
+                "moments": {n: torch.stack([state[u.stored_lam][k] for k in ("exp_avg", "exp_avg_sq")])
+                            for n, u in units.items()},
                 "ipt": {k: v.clone() for k, v in sched.importance.exp_avg_ipt.items()},
                 "unc": {k: v.clone() for k, v in sched.importance.exp_avg_unc.items()},
             }
@@ -181,10 +204,12 @@ def test_ddp_two_processes_have_identical_masks_and_importance(tiny_bert, tmp_pa
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert sorted(r0) == sorted(r1) == list(range(2, 7))
     for step in r0:
-        for kind in ("masks", "ipt", "unc"):
+        for kind in ("masks", "ipt", "unc", "lam", "moments"):
             assert r0[step][kind].keys() == r1[step][kind].keys()
             for key in r0[step][kind]:
                 assert torch.equal(r0[step][kind][key], r1[step][kind][key]), (step, kind, key)
+        for name, mask in r0[step]["masks"].items():  # the truncation followed the broadcast masks on both ranks
+            assert r0[step]["lam"][name][mask == 0].eq(0).all() and r0[step]["moments"][name][:, mask == 0].eq(0).all()
     final = r0[6]["masks"]
     assert sum(int(m.sum()) for m in final.values()) == 2 * len(final)
 

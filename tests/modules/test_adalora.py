@@ -34,7 +34,9 @@ def peft_adalora(tiny_bert, **config):
 
 
 def peft_units(peft_model) -> dict[str, RankUnit]:
-    """PEFT's adapters seen through our interface: lora_B = P, lora_E = Λ, lora_A = Q; masks are our own."""
+    """PEFT's adapters seen through our interface: lora_B = P, lora_E = Λ, lora_A = Q; masks are our own. No
+    ``stored_lam``: our allocator only observes PEFT's trajectory (our truncation would change the Λ and moments
+    PEFT scores next; PEFT zeroes pruned Λ itself), so masks can be compared at every event."""
     units = {}
     for name, module in peft_model.base_model.model.named_modules():
         if hasattr(module, "lora_E") and "default" in module.lora_E:
