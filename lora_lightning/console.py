@@ -4,8 +4,9 @@ rate in the logs (no placeholder ``hp_metric``), and no third-party noise that a
 Silenced, each by its exact message: transformers' load report when its only entries are the freshly initialised
 output head (our modules train that head, and validate/predict/export then load it from the checkpoint),
 Lightning's litlogger/litmodels advertisements, transformers' weight-loading progress bar, torch's ``_pytree
-LeafSpec`` deprecation (raised inside Lightning), and, outside ``fit``, ModelCheckpoint's "dirpath has changed" (no
-best-model tracking is resumed there). Anything else still prints.
+LeafSpec`` and torchdata's ``set_vital`` deprecations, Lightning's note that our summary replaces its own, and,
+outside ``fit``, ModelCheckpoint's "dirpath has changed" (no best-model tracking is resumed there). Anything else
+still prints.
 """
 from __future__ import annotations
 
@@ -51,14 +52,16 @@ class _DropMessages(logging.Filter):
 def quiet_third_party(subcommand: str | None = None) -> None:
     """Install the message filters listed in the module docstring (idempotent)."""
     filters = {
-        "transformers.utils.loading_report": only_new_output_head,
-        "lightning.pytorch.utilities.rank_zero": lambda text: text.startswith("💡 Tip: For seamless cloud"),
+        "transformers.modeling_utils": only_new_output_head,  # the logger from_pretrained gives the report
+        "lightning.pytorch.utilities.rank_zero": lambda text: text.startswith("💡 Tip: For seamless cloud")
+        or text.startswith(f"Trainer already configured with model summary callbacks: [{AdapterSummary!r}]"),
     }
     for name, drop in filters.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(drop))
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"'set_vital' is deprecated")  # torchdata's StatefulDataLoader
     transformers_logging.disable_progress_bar()  # "Loading weights" bars of a sub-second load
     if subcommand not in (None, "fit"):
         warnings.filterwarnings("ignore", message=r"The dirpath has changed from")
