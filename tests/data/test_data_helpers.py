@@ -13,8 +13,9 @@ def test_parse_label_reads_numbers_from_text():
     assert parse_label(" 2.5 ") == 2.5
     assert parse_label("pos") == "pos"
     assert parse_label(3.0) == 3.0 and isinstance(parse_label(3.0), float)
-    with pytest.raises(ValueError, match="Empty label"):
-        parse_label("")
+    for missing in ("", " ", "NaN", None, float("nan")):
+        with pytest.raises(ValueError, match="the label is missing"):
+            parse_label(missing)
 
 
 def test_text_labels_are_sorted_to_ids():
