@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from transformers import AutoModelForSequenceClassification
 
-from tests.helpers import random_batch
+from tests.helpers import FlipFirstTriplet, TruncationProbe, random_batch
 from lora_lightning.adapters.hyper import HyperSVDLinear
 from lora_lightning.adapters.lora import LoRALinear
 from lora_lightning.adapters.svd import SVDLinear
@@ -91,6 +91,23 @@ def test_fit_prunes_generated_lambda_with_adalora_scheduler(tiny_bert):
     # the generators trained
     assert all(p.abs().sum() > 0 for g in module.hypernet.generators.values() for p in
                [proj.weight for proj in g.out_proj.values()])
+
+
+@pytest.mark.parametrize("mode", ["residual", "recurrent"])
+def test_pruning_zeroes_the_base_lambda_and_its_moments_at_every_event(tiny_bert, mode):
+    module = hyper(tiny_bert, mode)
+    probe = TruncationProbe()
+    # T = 12: events at steps 2, 4, 6, 8, final at 10; the first triplet is pruned at odd events, kept at even ones
+    scheduler = RankPruningScheduler(tinit=1, tfinal=2, delta_t=2, importance=FlipFirstTriplet())
+    trainer(max_steps=12, callbacks=[scheduler, probe]).fit(module, loader(12))
+    steps = probe.steps
+    assert all(s["moments"] == (2 * len(module.adapters) if mode == "residual" else 0) for s in steps.values())
+    events = [t for t, s in steps.items() if s["event"]]
+    assert events == [2, 4, 6, 8, 10]
+    assert all(steps[t]["residue"] == 0.0 for t in events), {t: steps[t]["residue"] for t in events}
+    assert probe.rekept_steps() == [4, 8]
+    for t in probe.rekept_steps():  # kept again: its base entry restarts from 0 (the generated Λ from G alone)
+        assert steps[t]["first_lam"] == 0.0 and all(v == 0.0 for v in steps[t]["first_state"]), t
 
 
 def test_rank_units_are_generated_tensors_with_step_gradients_and_orth_reg_trains_generators(tiny_bert):
