@@ -19,8 +19,9 @@ unit's ``stored_lam`` (if it gives one) is set to 0 at pruned triplets, with its
 so a pruned triplet stays at Λ = 0 and restarts from 0 when kept again; PEFT instead zeroes Λ at events only and
 lets pruned entries regrow in between. Masks are computed from state that is identical on every DDP rank (gradients
 are all-reduced before the step) and then broadcast from rank 0, so no rank can drift; the truncation follows the
-broadcast masks, so it is identical on every rank too. Its state (EMAs in fp32, masks, the step it has reached, whether the pattern is final) is its
-``state_dict``, which Lightning stores in checkpoints: a resumed run continues exactly.
+broadcast masks, so it is identical on every rank too. Its state (EMAs in fp32, masks, the step it has reached,
+whether the pattern is final) is its ``state_dict``, which Lightning stores in checkpoints: a resumed run continues
+exactly.
 """
 from __future__ import annotations
 
