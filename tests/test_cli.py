@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 
 import lightning as L
 import pytest
@@ -117,3 +118,24 @@ def test_help_lists_export_and_describes_data_options(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--data.label_field LABEL_FIELD the label column: class ids, class names or real" in text
     assert "--data.num_labels NUM_LABELS number of classes (1 = regression)" in text
+
+
+def test_noise_filters_drop_only_their_messages():
+    from lora_lightning.console import only_new_output_head, quiet_third_party
+
+    head = "X LOAD REPORT from: m\nKey | Status |\n-+-\nclassifier.weight | MISSING |\nclassifier.bias | MISSING |\n"
+    assert only_new_output_head(head)
+    assert not only_new_output_head(head + "bert.encoder.layer.0.output.dense.weight | MISSING |\n")
+    assert not only_new_output_head(head.replace("classifier.bias | MISSING", "classifier.bias | MISMATCH"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party("validate")
+        warnings.warn("The dirpath has changed from 'a' to 'b', therefore ...")
+        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...")
+        warnings.warn("an actionable warning")
+    assert [str(w.message) for w in caught] == ["an actionable warning"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party("fit")
+        warnings.warn("The dirpath has changed from 'a' to 'b', therefore ...")
+    assert len(caught) == 1  # kept during fit: a resumed fit's best-model tracking restarts
