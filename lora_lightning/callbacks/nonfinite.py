@@ -65,7 +65,9 @@ class NonFiniteGuard(Callback):
     def _advice(trainer: L.Trainer, pl_module: L.LightningModule) -> str:
         lr = pl_module.hparams.get("learning_rate")
         lr = f" (this run: {lr:g})" if isinstance(lr, (int, float)) else ""
-        return (
-            f"Try a lower learning_rate{lr}, or a more stable precision than {trainer.precision} (bf16-mixed or "
-            f"32-true rather than 16-mixed); a longer warmup_ratio or trainer.gradient_clip_val also help."
-        )
+        precision = str(trainer.precision)
+        if precision.startswith("16"):
+            precision = f", or precision bf16-mixed or 32-true instead of {precision} (fp16 overflows)"
+        else:
+            precision = f"; precision {precision} rules out an fp16 overflow"
+        return f"Try a lower learning_rate{lr}{precision}; a longer warmup_ratio or trainer.gradient_clip_val also help."
