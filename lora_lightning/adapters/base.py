@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from lora_lightning.adapters.quant import check_mergeable
+from lora_lightning.adapters.quant import check_mergeable, is_quantized
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 # Heads that ``transformers`` creates fresh for sequence classification; trained in full, like PEFT's
@@ -51,6 +51,7 @@ class AdapterLayer(nn.Module):
         self.out_features, self.in_features = linear_shape(base_layer)
         self.merged = False
         self.disabled = False
+        self.quantized_base = is_quantized(base_layer)
 
     def delta_weight(self) -> Tensor:
         """ΔW as a dense ``(d_out, d_in)`` matrix (used by merge and export)."""
@@ -77,9 +78,12 @@ class AdapterLayer(nn.Module):
         out = self.base_layer(x)
         if self.merged or self.disabled:
             return out
+        delta = self.unscaled_output(x).to(out.dtype)  # the adapter computes in its own dtype (fp32)
+        if self.quantized_base:  # bitsandbytes may return a view from its autograd Function: no in-place add
+            return torch.add(out, delta, alpha=self.scaling)
         # One in-place scaled add: neither the base layer's backward nor the addition's needs ``out``, so this
         # saves an activation-sized multiply and allocation per adapted layer and step.
-        return out.add_(self.unscaled_output(x).to(out.dtype), alpha=self.scaling)
+        return out.add_(delta, alpha=self.scaling)
 
     @torch.no_grad()
     def _add_to_base(self, sign: float) -> None:

@@ -61,6 +61,11 @@ class SensitivityLoRAModule(LoRAModule):
     ) -> None:
         # Bad input fails here, before the backbone is loaded.
         check_estimator_name(estimator)
+        if kwargs.get("quantization", "none") != "none" and estimator in ("fisher", "hutchinson"):
+            raise ValueError(
+                f"The '{estimator}' estimator differentiates the base weights, which a quantised base "
+                f"(quantization: {kwargs['quantization']}) does not have in floating point; use estimator: activation."
+            )
         if r_min < 1:
             raise ValueError(f"r_min must be >= 1, got {r_min}.")
         if r_avg < r_min:
