@@ -242,10 +242,10 @@ class AdapterHypernet(nn.Module):
                     out[i][fname] = self._layers[i].from_tokens(fname, result[j])
         return out
 
-    def _accumulate(self, index: int, fname: str):
+    def _accumulate(self, cache: dict, index: int, fname: str):
         def hook(grad: Tensor) -> None:
-            if self._train_cache is not None:
-                self._train_cache["consumed"] = True
+            cache["consumed"] = True
+            cache["grads_seen"] += 1
             store = self.generated_grads[index]
             store[fname] = grad.detach().clone() if fname not in store else store[fname] + grad.detach()
         return hook
@@ -258,24 +258,28 @@ class AdapterHypernet(nn.Module):
                 self._eval_cache = {"key": key, "factors": [{k: v.detach() for k, v in d.items()} for d in self._generate()]}
             return self._eval_cache["factors"]
         cache = self._train_cache
-        if cache is None or cache["key"] != key or (cache["consumed"] and not cache["pinned"]):
+        # pinned: reused until its backward has delivered the gradient of every generated tensor (see ``pin``)
+        in_backward = cache is not None and cache["pinned"] and cache["grads_seen"] < cache["hooked"]
+        if cache is None or cache["key"] != key or (cache["consumed"] and not in_backward):
             if self._grad_key != key:  # a new optimiser step: its gradients start from zero
                 self.zero_generated_grads()
                 self._grad_key = key
-            factors = self._generate()
-            for i, d in enumerate(factors):
-                for fname, t in d.items():
-                    if t.requires_grad:
-                        t.register_hook(self._accumulate(i, fname))
-            self._train_cache = {"key": key, "factors": factors, "consumed": False, "pinned": False}
+            cache = {"key": key, "factors": self._generate(), "consumed": False, "pinned": False, "grads_seen": 0}
+            hooked = [(i, fname, t) for i, d in enumerate(cache["factors"]) for fname, t in d.items()
+                      if t.requires_grad]
+            for i, fname, t in hooked:
+                t.register_hook(self._accumulate(cache, i, fname))
+            cache["hooked"] = len(hooked)
+            self._train_cache = cache
         return self._train_cache["factors"]
 
     def pin(self) -> None:
-        """Generate now (grad mode), for one forward and its backward: until the next ``pin`` or a parameter change,
-        every read returns these tensors, also after a backward has consumed them. Call it outside the backbone
-        (the Lightning modules do, at the start of each training forward): activation checkpointing then recomputes
-        a block with the very tensors of the original forward, never regenerating them inside the checkpointed
-        region, and their gradients (importance) are accumulated once."""
+        """Generate now (grad mode), for one forward and its backward: every read returns these tensors until that
+        backward has delivered the gradient of each of them (or the next ``pin``, or a parameter change), even
+        after part of it has arrived. Call it outside the backbone (the Lightning modules do, at the start of each
+        training forward): activation checkpointing then recomputes a block with the very tensors of the original
+        forward, never regenerating them inside the checkpointed region, and their gradients (importance) are
+        accumulated once."""
         if self._train_cache is not None:
             self._train_cache["pinned"] = False
         self.generate()
