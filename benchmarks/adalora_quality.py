@@ -66,7 +66,7 @@ def run(method: str, seed: int, args) -> dict:
     result = {"method": method, "seed": seed, "val_accuracy": metrics["val/accuracy"], "val_f1": metrics["val/f1"],
               "val_loss": metrics["val/loss"], "train_seconds": train_s, "steps": trainer.global_step}
     if method == "adalora":
-        ranks = module.rank_pattern()
+        ranks = module.kept_ranks()
         result.update(total_rank=sum(ranks.values()), modules=len(ranks), min_rank=min(ranks.values()),
                       max_rank=max(ranks.values()), rank_pattern=ranks)
     print(f"{method} seed {seed}: acc {result['val_accuracy']:.4f} ({train_s:.0f} s)", flush=True)

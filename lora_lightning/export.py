@@ -91,7 +91,9 @@ def peft_adalora_state(module: AdapterModule) -> tuple[dict, dict[str, torch.Ten
     ``lora_E`` = Λ as ``(k, 1)``) and a boolean ``rank_pattern`` that PEFT uses to resize its modules on load.
 
     PEFT scales by ``lora_alpha / (ranknum + 1e-5)`` with ``ranknum = init_r``; ``lora_alpha`` is written so that this
-    equals our ``alpha / init_r`` exactly.
+    equals our ``alpha / init_r`` exactly. ``target_r``, the schedule (``tinit``, ``tfinal``, ``deltaT``, ``beta1``,
+    ``beta2``, ``total_step``, as resolved steps) and ``orth_reg_weight`` are the module's settings
+    (:meth:`~lora_lightning.settings.AdaLoRASettings.peft_schedule`).
     """
     from lora_lightning.adapters.svd import SVDLinear
 
@@ -112,24 +114,17 @@ def peft_adalora_state(module: AdapterModule) -> tuple[dict, dict[str, torch.Ten
         tensors[f"{PEFT_PREFIX}{name}.lora_E"] = singular_values[kept].unsqueeze(1)
         rank_pattern[f"{name}.lora_E"] = [bool(v) for v in layer.rank_mask.tolist()]
     tensors.update(_saved_module_tensors(module))
-    hparams = module.hparams
+    settings = module.run_settings or module.settings  # the last fit's resolved steps, else as configured
     config = {
         "peft_type": "ADALORA",
         "task_type": _task_type(module),
         "base_model_name_or_path": base_model_reference(module),
         "target_modules": sorted(layers),
+        **settings.peft_schedule(),
         "init_r": init_r,
-        "target_r": getattr(module, "target_r", init_r),
         "lora_alpha": alpha * (init_r + 1e-5) / init_r,
         "lora_dropout": 0.0,
         "rank_pattern": rank_pattern,
-        "tinit": 0,
-        "tfinal": 0,
-        "deltaT": 1,
-        "beta1": 0.85,
-        "beta2": 0.85,
-        "orth_reg_weight": getattr(module, "orth_reg_weight", 0.5),
-        "total_step": max(1, int(getattr(module.trainer, "global_step", 0) or 1)) if module._trainer else 1,
         "bias": "none",
         # transformers' Conv1D (GPT-2) stores W transposed; PEFT must know to read lora_B·lora_A that way.
         "fan_in_fan_out": any(isinstance(layer.base_layer, Conv1D) for layer in adapter_layers(module.backbone).values()),

@@ -30,6 +30,26 @@ def quiet_trainer(**kwargs):
     return L.Trainer(**{**defaults, **kwargs})
 
 
+class UnitsModule:
+    """Only the rank-unit interface (no AdaLoRA settings: the scheduler takes target_r from its own arguments)."""
+
+    def __init__(self, units) -> None:
+        self.units = units
+
+    def rank_units(self):
+        return self.units
+
+
+def scheduler_on_units(scheduler, units, total_step: int) -> UnitsModule:
+    """Set ``scheduler`` up for a ``total_step`` run over ``units`` without a Trainer; returns the module stub to pass
+    to ``scheduler.allocate``."""
+    from types import SimpleNamespace
+
+    module = UnitsModule(units)
+    scheduler.setup(SimpleNamespace(estimated_stepping_batches=total_step), module, "fit")
+    return module
+
+
 class FlipFirstTriplet(ImportanceTracker):
     """AdaLoRA's importance, except for the first unit's triplet 0: last at odd masking events, first at even ones,
     so that it is pruned and kept again in turn."""

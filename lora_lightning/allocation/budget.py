@@ -36,6 +36,22 @@ def resolve_steps(value: int | float, total_step: int, name: str) -> int:
     return int(value)
 
 
+def check_phases(tinit: int, tfinal: int, total_step: int | None, delta_t: int) -> None:
+    """The schedule's checks, in steps (``total_step`` ``None``: the run length is not known yet)."""
+    if delta_t < 1:
+        raise ValueError(f"delta_t must be >= 1 optimiser step, got {delta_t}.")
+    if total_step is None:
+        return
+    if total_step < 1:
+        raise ValueError(f"total_step must be >= 1, got {total_step}.")
+    if tinit + tfinal >= total_step:
+        raise ValueError(
+            f"The rank schedule does not fit the run: tinit ({tinit}) + tfinal ({tfinal}) must be less than "
+            f"total_step ({total_step}) so that there are steps left to prune in; lower tinit/tfinal or train for "
+            f"longer."
+        )
+
+
 @dataclass(frozen=True)
 class BudgetSchedule:
     init_budget: int
@@ -46,20 +62,11 @@ class BudgetSchedule:
     delta_t: int = 1
 
     def __post_init__(self) -> None:
-        if self.delta_t < 1:
-            raise ValueError(f"delta_t must be >= 1 optimiser step, got {self.delta_t}.")
         if self.target_budget > self.init_budget:
             raise ValueError(f"The target budget ({self.target_budget}) exceeds the initial one ({self.init_budget}).")
         if self.target_budget < 0:
             raise ValueError(f"The target budget must be >= 0, got {self.target_budget}.")
-        if self.total_step < 1:
-            raise ValueError(f"total_step must be >= 1, got {self.total_step}.")
-        if self.tinit + self.tfinal >= self.total_step:
-            raise ValueError(
-                f"The rank schedule does not fit the run: tinit ({self.tinit}) + tfinal ({self.tfinal}) must be less "
-                f"than total_step ({self.total_step}) so that there are steps left to prune in; lower tinit/tfinal or "
-                f"train for longer."
-            )
+        check_phases(self.tinit, self.tfinal, self.total_step, self.delta_t)
 
     @property
     def final_step(self) -> int:

@@ -21,6 +21,13 @@ from torch import Tensor
 FACTOR_NAMES = ("P", "lam", "Q")
 
 
+
+def check_betas(beta1: float, beta2: float) -> None:
+    """The importance EMA factors must lie in [0, 1)."""
+    for name, beta in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {beta}.")
+
 @dataclass
 class RankUnit:
     """One adapted matrix, as the rank allocator sees it.
@@ -68,9 +75,7 @@ class ImportanceTracker:
     """
 
     def __init__(self, beta1: float = 0.85, beta2: float = 0.85) -> None:
-        for name, beta in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= beta < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {beta}.")
+        check_betas(beta1, beta2)
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.exp_avg_ipt: dict[str, Tensor] = {}  # Ī, keyed "<unit>.<P|lam|Q>"
         self.exp_avg_unc: dict[str, Tensor] = {}  # Ū

@@ -393,10 +393,8 @@ def fused_scores(
     }
 
 
-def check_budget(num_matrices: int, r_avg: float, r_min: int = 1, r_max: int | None = None) -> int:
-    """Validate a budget before any work; returns ``r_total = round(r_avg · n)``."""
-    if num_matrices < 1:
-        raise ValueError("No adapted matrices: there is nothing to allocate ranks to.")
+def check_budget_bounds(r_avg: float, r_min: int = 1, r_max: int | None = None) -> None:
+    """A clear error for a budget that no number of matrices can meet."""
     if r_min < 1:
         raise ValueError(f"r_min must be >= 1 (a LoRA layer needs at least rank 1), got {r_min}.")
     if r_avg < r_min:
@@ -405,6 +403,13 @@ def check_budget(num_matrices: int, r_avg: float, r_min: int = 1, r_max: int | N
         )
     if r_max is not None and r_max < r_avg:
         raise ValueError(f"r_max={r_max} is below the average rank r_avg={r_avg}: the budget cannot be spent.")
+
+
+def check_budget(num_matrices: int, r_avg: float, r_min: int = 1, r_max: int | None = None) -> int:
+    """Validate a budget before any work; returns ``r_total = round(r_avg · n)``."""
+    if num_matrices < 1:
+        raise ValueError("No adapted matrices: there is nothing to allocate ranks to.")
+    check_budget_bounds(r_avg, r_min, r_max)
     r_total = int(round(r_avg * num_matrices))
     if r_total < r_min * num_matrices:
         raise ValueError(f"r_total={r_total} cannot give every one of {num_matrices} matrices r_min={r_min}.")
@@ -478,10 +483,6 @@ class Allocation:
     ranks: dict[str, int]
     scores: dict[str, dict[str, float]]
     r_total: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ranks": dict(self.ranks), "scores": {k: dict(v) for k, v in self.scores.items()},
-                "r_total": self.r_total}
 
 
 def sensitivity_allocation(

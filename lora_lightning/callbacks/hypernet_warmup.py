@@ -22,13 +22,15 @@ class HypernetWarmup(Callback):
     """Linear warmup of one param group's learning rate.
 
     Args:
-        warmup_steps: optimiser steps of the ramp; an int counts steps, a float is a fraction of the run.
-        group_name: the ``name`` of the optimiser param group to ramp.
+        warmup_steps (int | float | None): optimiser steps of the ramp; an int counts steps, a float is a fraction
+            of the run; ``None``: the module's ``hypernet_settings.warmup`` (its ``hypernet_warmup`` argument).
+        group_name (str): the ``name`` of the optimiser param group to ramp.
     """
 
-    def __init__(self, warmup_steps: int | float = 0.1, group_name: str = "hypernet") -> None:
+    def __init__(self, warmup_steps: int | float | None = None, group_name: str = "hypernet") -> None:
         super().__init__()
-        resolve_steps(warmup_steps, 1, "warmup_steps")  # type and range check now
+        if warmup_steps is not None:
+            resolve_steps(warmup_steps, 1, "warmup_steps")  # type and range check now
         self.warmup_steps, self.group_name = warmup_steps, group_name
         self.resolved_steps: int | None = None
         self.step = 0
@@ -40,6 +42,12 @@ class HypernetWarmup(Callback):
         return 1.0 if total <= 0 else min(1.0, (step + 1) / total)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.warmup_steps is None:
+            settings = getattr(pl_module, "hypernet_settings", None)
+            if settings is None:
+                raise ValueError(f"HypernetWarmup needs warmup_steps: {type(pl_module).__name__} has no hypernet "
+                                 "settings to take it from.")
+            self.warmup_steps = settings.warmup
         if self.resolved_steps is None:
             total = trainer.estimated_stepping_batches
             if isinstance(self.warmup_steps, float) and total == float("inf"):

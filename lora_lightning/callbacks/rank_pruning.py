@@ -9,7 +9,9 @@ What the LightningModule must provide (the whole interface; nothing else of the 
   with 0/1 (the module must apply it multiplicatively, e.g. ``Λ ⊙ m``). Leaf parameters satisfy this as they are
   (AdaLoRA); generated tensors must ``retain_grad()`` in the forward and be cached until then (HyperAdaLoRA).
   ``stored_lam``: the parameter or buffer the truncation zeroes (AdaLoRA's Λ; HyperAdaLoRA's base Λ̄), or ``None``.
-* ``target_r`` (int) attribute, unless the scheduler is given ``target_r``: the average rank to end with.
+* ``settings`` (:class:`~lora_lightning.settings.AdaLoRASettings`): ``target_r`` and the schedule. An option given
+  to the scheduler itself (not ``None``) overrides the module's for this callback; a module without ``settings``
+  needs ``target_r`` given here.
 
 What it does, per optimiser step ``t`` (= ``trainer.global_step`` after the step; micro-batches of gradient
 accumulation are not steps): update the importance EMAs (unless ``t >= T - tfinal``; a step with non-finite
@@ -28,6 +30,7 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,34 +38,35 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lora_lightning.allocation.budget import BudgetSchedule, resolve_steps, top_b_masks, truncate
+from lora_lightning.allocation.budget import BudgetSchedule, top_b_masks, truncate
 from lora_lightning.allocation.flat import flatten, unflatten
 from lora_lightning.allocation.importance import ImportanceTracker, RankUnit
 from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary, report_folder, write_rank_pattern
+from lora_lightning.settings import AdaLoRASettings, RankSchedule
 
 log = logging.getLogger(__name__)
-
-
-def validate_ranks(init_r: int, target_r: int) -> None:
-    if target_r < 0:
-        raise ValueError(f"target_r must be >= 0, got {target_r}.")
-    if target_r > init_r:
-        raise ValueError(f"target_r ({target_r}) cannot exceed init_r ({init_r}): AdaLoRA only prunes ranks.")
 
 
 class RankPruningScheduler(Callback):
     """Prune adapter ranks by AdaLoRA importance on the cubic budget schedule (METHODS.md §2).
 
+    Every schedule option left ``None`` comes from the module's ``settings`` (the model's init_args in YAML); one
+    given here overrides it for pruning (the PEFT export still records the module's settings).
+
     Args:
-        tinit: warm-up steps with every rank kept; an int counts optimiser steps, a float is a fraction of the run.
-        tfinal: final steps with the pattern fixed (int steps or float fraction).
-        delta_t: optimiser steps between two masking events (>= 1).
-        beta1 / beta2: EMA factors for sensitivity and uncertainty, in [0, 1).
-        total_step: optimiser steps of the run; default ``trainer.estimated_stepping_batches``.
-        target_r: average rank to end with; default the module's ``target_r``.
-        report_dir: where to write ``rank_pattern.json`` at the end; default beside the checkpoints.
-        log_heatmap: log a layers × module-type image of kept ranks to TensorBoard at every masking event.
-        importance: the importance score (default ``ImportanceTracker(beta1, beta2)``, AdaLoRA's); research code
+        tinit (int | float | None): warm-up steps with every rank kept; an int counts optimiser steps, a float is a
+            fraction of the run.
+        tfinal (int | float | None): final steps with the pattern fixed (int steps or float fraction).
+        delta_t (int | None): optimiser steps between two masking events (>= 1).
+        beta1 (float | None): EMA factor of the sensitivity, in [0, 1).
+        beta2 (float | None): EMA factor of the uncertainty, in [0, 1).
+        total_step (int | None): optimiser steps of the run; default the module's, else
+            ``trainer.estimated_stepping_batches``.
+        target_r (int | None): average rank to end with.
+        report_dir (str | None): where to write ``rank_pattern.json`` at the end; default beside the checkpoints.
+        log_heatmap (bool): log a layers × module-type image of kept ranks to TensorBoard at every masking event.
+        importance (ImportanceTracker | None): the importance score (default ``ImportanceTracker(beta1, beta2)``,
+            AdaLoRA's); research code
             passes a subclass of :class:`~lora_lightning.allocation.importance.ImportanceTracker` overriding
             ``update`` / ``triplet_scores`` (and ``state_dict`` / ``load_state_dict`` for extra state), e.g. from
             YAML as ``importance: {class_path: my_package.MyImportance}``.
@@ -73,11 +77,11 @@ class RankPruningScheduler(Callback):
 
     def __init__(
         self,
-        tinit: int | float = 0,
-        tfinal: int | float = 0,
-        delta_t: int = 1,
-        beta1: float = 0.85,
-        beta2: float = 0.85,
+        tinit: int | float | None = None,
+        tfinal: int | float | None = None,
+        delta_t: int | None = None,
+        beta1: float | None = None,
+        beta2: float | None = None,
         total_step: int | None = None,
         target_r: int | None = None,
         report_dir: str | None = None,
@@ -85,13 +89,14 @@ class RankPruningScheduler(Callback):
         importance: ImportanceTracker | None = None,
     ) -> None:
         super().__init__()
-        if delta_t < 1:
-            raise ValueError(f"delta_t must be >= 1 optimiser step, got {delta_t}.")
-        for name, value in (("tinit", tinit), ("tfinal", tfinal)):
-            resolve_steps(value, 1, name)  # type and range check now, conversion once total_step is known
-        self.tinit, self.tfinal, self.delta_t = tinit, tfinal, int(delta_t)
-        self.importance = importance if importance is not None else ImportanceTracker(beta1, beta2)
-        self.total_step, self.target_r = total_step, target_r
+        given = dict(tinit=tinit, tfinal=tfinal, delta_t=delta_t, beta1=beta1, beta2=beta2, total_step=total_step)
+        self.overrides = {name: value for name, value in given.items() if value is not None}
+        RankSchedule(**self.overrides)  # the options given here are checked now; merged with the module's in setup
+        if target_r is not None and target_r < 0:
+            raise ValueError(f"target_r must be >= 0, got {target_r}.")
+        self.target_r = target_r
+        self.importance = importance
+        self.settings: AdaLoRASettings | None = None  # the module's settings with the overrides, set in setup
         self.report_dir, self.log_heatmap = report_dir, log_heatmap
         self.schedule: BudgetSchedule | None = None
         self.step = 0  # optimiser steps processed
@@ -112,19 +117,27 @@ class RankPruningScheduler(Callback):
             )
         return pl_module.rank_units()
 
-    def build_schedule(self, units: dict[str, RankUnit], total_step: int, target_r: int) -> BudgetSchedule:
-        """The budget schedule of this run (called once, in ``setup``); override to return a subclass of
-        :class:`BudgetSchedule` (e.g. another ``budget(step)`` curve) with the same fields."""
-        init_budget = sum(u.rank for u in units.values())
-        for unit in units.values():
-            validate_ranks(unit.rank, target_r)
+    def merged_settings(self, pl_module: L.LightningModule, units: dict[str, RankUnit]) -> AdaLoRASettings:
+        """The module's ``settings`` with this callback's explicit options (validated once more, merged)."""
+        own = dict(self.overrides, **({"target_r": self.target_r} if self.target_r is not None else {}))
+        base = getattr(pl_module, "settings", None)
+        if isinstance(base, AdaLoRASettings):
+            return replace(base, **own)
+        if self.target_r is None:
+            raise ValueError(f"RankPruningScheduler needs target_r: {type(pl_module).__name__} has no AdaLoRA "
+                             "settings, so give RankPruningScheduler(target_r=...).")
+        return AdaLoRASettings(init_r=max(u.rank for u in units.values()), **own)
+
+    def build_schedule(self, units: dict[str, RankUnit], run: RankSchedule, target_r: int) -> BudgetSchedule:
+        """The budget schedule of this run (called once, in ``setup``, with the settings resolved for the run);
+        override to return a subclass of :class:`BudgetSchedule` (e.g. another ``budget(step)`` curve)."""
         return BudgetSchedule(
-            init_budget=init_budget,
+            init_budget=sum(u.rank for u in units.values()),
             target_budget=target_r * len(units),
-            tinit=resolve_steps(self.tinit, total_step, "tinit"),
-            tfinal=resolve_steps(self.tfinal, total_step, "tfinal"),
-            total_step=total_step,
-            delta_t=self.delta_t,
+            tinit=run.tinit,
+            tfinal=run.tfinal,
+            total_step=run.total_step,
+            delta_t=run.delta_t,
         )
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -134,10 +147,10 @@ class RankPruningScheduler(Callback):
         units = self.units(pl_module)
         if not units:
             raise ValueError("The module reports no rank units: there is nothing to prune.")
-        target_r = self.target_r if self.target_r is not None else getattr(pl_module, "target_r", None)
-        if target_r is None:
-            raise ValueError("RankPruningScheduler needs target_r (argument, or a target_r attribute on the module).")
-        self.target_r = int(target_r)
+        self.settings = self.merged_settings(pl_module, units)
+        self.target_r = self.settings.target_r
+        if self.importance is None:
+            self.importance = ImportanceTracker(self.settings.beta1, self.settings.beta2)
         ranks = {u.rank for u in units.values()}
         if ranks == {self.target_r}:
             warnings.warn(
@@ -146,10 +159,8 @@ class RankPruningScheduler(Callback):
             )
             self.disabled = True
             return
-        total = self.total_step if self.total_step is not None else trainer.estimated_stepping_batches
-        if total == float("inf") or total is None:
-            raise ValueError("The run has no step limit: set max_steps/max_epochs or RankPruningScheduler total_step.")
-        self.schedule = self.build_schedule(units, int(total), self.target_r)
+        run = self.settings.resolved(trainer.estimated_stepping_batches)
+        self.schedule = self.build_schedule(units, run, self.target_r)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._loaded_masks is not None:  # resumed: the module's buffers come from the same checkpoint
@@ -248,7 +259,7 @@ class RankPruningScheduler(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "importance": self.importance.state_dict(),
+            "importance": self.importance.state_dict() if self.importance is not None else {},
             "step": self.step,
             "finalised": self.finalised,
             "budget": self.budget,

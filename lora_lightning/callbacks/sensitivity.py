@@ -37,12 +37,17 @@ JSON_NAME = "sensitivity_allocation.json"
 class HessianSensitivityEstimator(L.Callback):
     """Allocate a :class:`~lora_lightning.modules.SensitivityLoRAModule`'s ranks before training.
 
+    The four estimator options override the module's ``settings``
+    (:class:`~lora_lightning.settings.SensitivityLoRASettings`) for this callback; ``None`` takes the module's.
+
     Args:
-        estimator / num_batches / num_probes / weight_by_dout: override the module's settings (``None``: the
-            module's).
-        dataloader: calibration batches (an iterable of dict batches); default: the datamodule's
+        estimator (str | None): the Hessian-diagonal estimator.
+        num_batches (int | None): calibration batches per process.
+        num_probes (int | None): Rademacher probes per batch (``hutchinson``).
+        weight_by_dout (bool | None): weigh each matrix's diagonal by its output size.
+        dataloader (Iterable | None): calibration batches (an iterable of dict batches); default: the datamodule's
             ``train_dataloader()`` (or the dataloader given to ``fit``).
-        seed: base seed of the probes (``hutchinson``); process ``k`` uses ``seed + k``.
+        seed (int): base seed of the probes (``hutchinson``); process ``k`` uses ``seed + k``.
     """
 
     def __init__(
@@ -67,7 +72,7 @@ class HessianSensitivityEstimator(L.Callback):
     # ----------------------------------------------------------------- settings
     def _setting(self, pl_module, name: str):
         own = getattr(self, name)
-        return own if own is not None else pl_module.hparams[name]
+        return own if own is not None else getattr(pl_module.settings, name)
 
     def _calibration_source(self, trainer) -> Iterable:
         if self.dataloader is not None:
@@ -157,7 +162,7 @@ class HessianSensitivityEstimator(L.Callback):
         report = {
             "estimator": name, "num_batches_total": int(float(total)), "world_size": trainer.world_size,
             "allocation_seconds": self.allocation_seconds, "r_total": allocation.r_total,
-            "budget": {k: pl_module.hparams[k] for k in ("r_avg", "r_min", "r_max")},
+            "budget": {k: getattr(pl_module.settings, k) for k in ("r_avg", "r_min", "r_max")},
             "scores": allocation.scores,
         }
         pl_module.apply_allocation(allocation.ranks, report)

@@ -16,7 +16,6 @@ class GlueTask:
     label_names: tuple[str, ...] | None
     metric_names: tuple[str, ...]
     validation_split: str = "validation"
-    label_field: str = "label"
 
     @property
     def num_labels(self) -> int:

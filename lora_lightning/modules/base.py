@@ -132,11 +132,17 @@ class AdapterModule(L.LightningModule):
         params = [p for p in self.backbone.parameters() if p.requires_grad]
         return [{"name": "adapters", "params": params, "weight_decay": self.hparams.weight_decay}]
 
+    def method_callbacks(self) -> list[L.Callback]:
+        """The callbacks this method's machinery needs (e.g. AdaLoRA's RankPruningScheduler), built with no
+        arguments: they read the module's ``settings``. A subclass extends the list of its parent."""
+        return []
+
     def configure_callbacks(self) -> list[L.Callback]:
-        """What every method needs, unless the trainer has one of the type: :class:`NonFiniteGuard` (a NaN/inf loss
+        """What every method needs, then :meth:`method_callbacks`, each unless the trainer already has one of the type
+        (a callback configured in YAML or ``Trainer(callbacks=...)`` wins): :class:`NonFiniteGuard` (a NaN/inf loss
         or weight stops the fit) and :class:`FinalCheckpoint` (validation and ``last`` at the final step, monitors
-        checked first). A method returns these followed by its own."""
-        return not_configured(self._trainer, [NonFiniteGuard(), FinalCheckpoint()])
+        checked first)."""
+        return not_configured(self._trainer, [NonFiniteGuard(), FinalCheckpoint(), *self.method_callbacks()])
 
     def monitorable_metrics(self) -> list[str]:
         """The names this module logs that a ``ModelCheckpoint``/``EarlyStopping`` may monitor; a subclass that logs

@@ -14,35 +14,36 @@ from typing import Any
 
 from torch import Tensor
 
-from lora_lightning.adapters.lora import LoRALinear
-from lora_lightning.allocation.sensitivity import (
-    Allocation,
-    check_estimator_name,
-    lora_parameter_count,
-    sensitivity_allocation,
-)
-from lora_lightning.modules.base import not_configured
-from lora_lightning.modules.lora import LoRAModule
+from lora_lightning.allocation.sensitivity import Allocation, lora_parameter_count, sensitivity_allocation
+from lora_lightning.modules.lora import LoRABase
+from lora_lightning.settings import SensitivityLoRASettings
 
 CHECKPOINT_SECTION = "sensitivity_lora"
 
 
-class SensitivityLoRAModule(LoRAModule):
+class SensitivityLoRAModule(LoRABase):
     """LoRA with ranks allocated from second-order sensitivity (Zhang et al., EMNLP Findings 2025).
 
     Args:
-        r_avg: the budget as the average rank; ``round(r_avg · n)`` ranks are split over the ``n`` adapted
+        r_avg (float): the budget as the average rank; ``round(r_avg · n)`` ranks are split over the ``n`` adapted
             matrices (the paper: 4 for NLU, 8 for NLG).
-        r_min / r_max: bounds on every matrix's rank (``r_max=None``: no upper bound but the budget).
-        estimator: Hessian-diagonal estimator, ``activation`` (the paper's, forward only), ``fisher`` or
+        r_min (int): lower bound on every matrix's rank (>= 1).
+        r_max (int | None): upper bound on every matrix's rank (``None``: no bound but the budget).
+        estimator (str): Hessian-diagonal estimator, ``activation`` (the paper's, forward only), ``fisher`` or
             ``hutchinson``, or a name registered with
             :func:`~lora_lightning.allocation.sensitivity.register_estimator`.
-        num_batches: calibration batches per process.
-        num_probes: Rademacher probes per batch (``hutchinson``).
-        weight_by_dout: weigh each matrix's diagonal by its output size (sum, not mean, over rows).
-        topk_ratio / effrank_alpha: the paper's k = m/2 and α = 0.85.
-        alpha / dropout / alpha_pattern: as :class:`LoRAModule`; the scaling of each module is ``alpha / r_w``.
+        num_batches (int): calibration batches per process.
+        num_probes (int): Rademacher probes per batch (``hutchinson``).
+        weight_by_dout (bool): weigh each matrix's diagonal by its output size (sum, not mean, over rows).
+        topk_ratio (float): the paper's k = m · topk_ratio (0.5), in (0, 1].
+        effrank_alpha (float): the effective rank's energy threshold α (0.85), in (0, 1].
+        alpha (float): as :class:`LoRAModule`; the scaling of each module is ``alpha / r_w``.
+        dropout (float): dropout on the adapter input, in [0, 1).
+        alpha_pattern (dict[str, float] | None): per-module alphas, as :class:`LoRAModule`.
         (everything else: see :class:`~lora_lightning.modules.base.AdapterModule`)
+
+    Ranks are not arguments: the allocation decides them (``kept_ranks()`` after it; ``LoRAModule`` for fixed
+    ranks). The validated values are ``self.settings`` (:class:`~lora_lightning.settings.SensitivityLoRASettings`).
     """
 
     def __init__(
@@ -57,53 +58,35 @@ class SensitivityLoRAModule(LoRAModule):
         weight_by_dout: bool = False,
         topk_ratio: float = 0.5,
         effrank_alpha: float = 0.85,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        alpha_pattern: dict[str, float] | None = None,
         **kwargs: Any,
     ) -> None:
         # Bad input fails here, before the backbone is loaded.
-        check_estimator_name(estimator)
+        self.settings = SensitivityLoRASettings(
+            r_avg=r_avg, r_min=r_min, r_max=r_max, estimator=estimator, num_batches=num_batches,
+            num_probes=num_probes, weight_by_dout=weight_by_dout, topk_ratio=topk_ratio, effrank_alpha=effrank_alpha,
+            alpha=alpha, dropout=dropout, alpha_pattern=alpha_pattern,
+        )
         if kwargs.get("quantization", "none") != "none" and estimator in ("fisher", "hutchinson"):
             raise ValueError(
                 f"The '{estimator}' estimator differentiates the base weights, which a quantised base "
                 f"(quantization: {kwargs['quantization']}) does not have in floating point; use estimator: activation."
             )
-        if r_min < 1:
-            raise ValueError(f"r_min must be >= 1, got {r_min}.")
-        if r_avg < r_min:
-            raise ValueError(f"The budget r_avg={r_avg} is below r_min={r_min} per matrix; raise r_avg or lower r_min.")
-        if r_max is not None and r_max < r_avg:
-            raise ValueError(f"r_max={r_max} is below the average rank r_avg={r_avg}: the budget cannot be spent.")
-        if num_batches < 1:
-            raise ValueError(f"num_batches must be >= 1, got {num_batches}.")
-        if not 0 < topk_ratio <= 1 or not 0 < effrank_alpha <= 1:
-            raise ValueError(f"topk_ratio and effrank_alpha must lie in (0, 1], got {topk_ratio}, {effrank_alpha}.")
-        for fixed in ("rank", "rank_pattern"):
-            if kwargs.get(fixed):
-                raise ValueError(
-                    f"SensitivityLoRAModule decides ranks itself; '{fixed}' is not an argument (give the budget "
-                    "as r_avg, r_min, r_max, or use LoRAModule for fixed ranks)."
-                )
-        kwargs.pop("rank", None)
-        kwargs.pop("rank_pattern", None)
         self.allocation: dict[str, int] | None = None
         self.allocation_report: dict[str, Any] | None = None
-        # Until allocation every matrix holds the average rank (rounded), so the module is usable as is.
-        super().__init__(*args, rank=max(r_min, int(round(r_avg))), **kwargs)
-        for hparams in (self._hparams, self._hparams_initial):  # ranks are not arguments of this method
-            hparams.pop("rank", None)
-            hparams.pop("rank_pattern", None)
+        super().__init__(*args, **kwargs)
 
     # ----------------------------------------------------------------- allocation
-    def lora_layers(self) -> dict[str, LoRALinear]:
-        return {name: layer for name, layer in self.adapters.items() if isinstance(layer, LoRALinear)}
-
     def calibration_loss(self, batch: Mapping[str, Tensor]) -> Tensor:
         """The task loss on one batch (what the loss-based estimators differentiate)."""
         return self.task.loss(self(dict(batch)), batch)
 
     def allocate(self, diagonals: Mapping[str, Tensor]) -> Allocation:
         """Ranks from Hessian diagonals under this module's budget (pure; changes nothing)."""
-        hp = self.hparams
-        return sensitivity_allocation(diagonals, hp.r_avg, hp.r_min, hp.r_max, hp.topk_ratio, hp.effrank_alpha)
+        s = self.settings
+        return sensitivity_allocation(diagonals, s.r_avg, s.r_min, s.r_max, s.topk_ratio, s.effrank_alpha)
 
     def apply_allocation(self, ranks: Mapping[str, int], report: dict[str, Any] | None = None) -> None:
         """Give each LoRA layer its rank (fresh factors where the rank changes). Only before an optimiser exists."""
@@ -115,22 +98,21 @@ class SensitivityLoRAModule(LoRAModule):
             if layer.rank != int(ranks[name]):
                 layer.reset_rank(int(ranks[name]))
         self.allocation = {name: int(ranks[name]) for name in layers}
-        self.rank_pattern = dict(self.allocation)  # LoRAModule's pattern, by full module name
         shapes = {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
         self.allocation_report = dict(report or {})
         self.allocation_report["trainable_lora_parameters"] = lora_parameter_count(self.allocation, shapes)
         self.allocation_report["ranks"] = dict(self.allocation)
 
     # ----------------------------------------------------------------- callbacks and checkpoints
-    def configure_callbacks(self):
+    def method_callbacks(self) -> list:
         from lora_lightning.callbacks.sensitivity import HessianSensitivityEstimator
 
-        return [*super().configure_callbacks(), *not_configured(self._trainer, [HessianSensitivityEstimator()])]
+        return [*super().method_callbacks(), HessianSensitivityEstimator()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint[CHECKPOINT_SECTION] = {
-            "rank_pattern": {name: layer.rank for name, layer in self.lora_layers().items()},
+            "rank_pattern": self.kept_ranks(),
             "allocated": self.allocation is not None,
             "report": self.allocation_report,
         }

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from tests.helpers import FlipFirstTriplet, TruncationProbe, batch_loader, quiet_trainer
+from tests.helpers import FlipFirstTriplet, TruncationProbe, batch_loader, quiet_trainer, scheduler_on_units
 from lora_lightning.allocation.importance import RankUnit
 from lora_lightning.callbacks import RankPruningScheduler
 from lora_lightning.callbacks.rank_report import (
@@ -44,7 +44,7 @@ def scheduler_of(t: L.Trainer) -> RankPruningScheduler:
 
 
 def total_kept(module) -> int:
-    return sum(module.rank_pattern().values())
+    return sum(module.kept_ranks().values())
 
 
 # ----------------------------------------------------------------- steps are optimiser steps
@@ -139,7 +139,7 @@ def test_resume_mid_budget_phase_matches_uninterrupted_run(tiny_bert, tmp_path):
         t2 = quiet_trainer(max_epochs=2)
         t2.fit(resumed, batch_loader(8), ckpt_path=mid)
         assert t2.global_step == 16
-        assert resumed.rank_pattern() == full.rank_pattern()
+        assert resumed.kept_ranks() == full.kept_ranks()
         a, b = adapter_tensors(full), adapter_tensors(resumed)
         assert a.keys() == b.keys()
         for key in a:
@@ -235,22 +235,18 @@ def fake_step(units, seed):
 
 def test_state_dict_round_trip_continues_exactly():
     units_a, units_b = units_fixture(), units_fixture()
-    a = RankPruningScheduler(tinit=1, tfinal=2, delta_t=1)
-    a.target_r = 1
-    a.schedule = a.build_schedule(units_a, 10, 1)
-    a._module = lambda: SimpleNamespace(rank_units=lambda: units_a)
-    stub_a = SimpleNamespace(rank_units=lambda: units_a)
+    a = RankPruningScheduler(tinit=1, tfinal=2, delta_t=1, target_r=1)
+    stub_a = scheduler_on_units(a, units_a, 10)
     for t in range(1, 5):
         fake_step(units_a, t)
         a.allocate(stub_a, t)
     state = a.state_dict()
     assert set(state["masks"]) == set(units_a) and state["step"] == 0  # step is set by the Trainer hook
-    b = RankPruningScheduler(tinit=1, tfinal=2, delta_t=1)
+    b = RankPruningScheduler(tinit=1, tfinal=2, delta_t=1, target_r=1)
+    stub_b = scheduler_on_units(b, units_b, 10)
     b.load_state_dict(state)
-    b.target_r, b.schedule = 1, b.build_schedule(units_b, 10, 1)
     for name, unit in units_b.items():
         unit.mask.copy_(state["masks"][name])
-    stub_b = SimpleNamespace(rank_units=lambda: units_b)
     for t in range(5, 11):
         fake_step(units_a, t), fake_step(units_b, t)
         a.allocate(stub_a, t), b.allocate(stub_b, t)
@@ -271,6 +267,13 @@ def test_scheduler_argument_errors():
         RankPruningScheduler(beta1=1.0)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         RankPruningScheduler(tfinal=2.0)
+    with pytest.raises(ValueError, match="target_r must be >= 0"):
+        RankPruningScheduler(target_r=-1)
+
+
+def test_a_module_without_settings_needs_target_r_on_the_scheduler():
+    with pytest.raises(ValueError, match=r"needs target_r: UnitsModule has no AdaLoRA settings"):
+        scheduler_on_units(RankPruningScheduler(), units_fixture(), 10)
 
 
 # ----------------------------------------------------------------- rank report helpers

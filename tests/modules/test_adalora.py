@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import warnings
-from types import SimpleNamespace
+from dataclasses import replace
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from tests.helpers import batch_loader, quiet_trainer, random_batch
+from tests.helpers import batch_loader, quiet_trainer, random_batch, scheduler_on_units
 from lora_lightning.allocation.budget import top_b_masks
 from lora_lightning.allocation.importance import ImportanceTracker, RankUnit
 from lora_lightning.callbacks import RankPruningScheduler
@@ -53,10 +53,8 @@ def test_kept_triplets_equal_peft_rank_allocator_on_the_same_weights_and_grads(t
     T, tinit, tfinal, delta_t = 24, 3, 5, 2
     model = peft_adalora(tiny_bert, init_r=4, target_r=2, tinit=tinit, tfinal=tfinal, deltaT=delta_t, total_step=T)
     units = peft_units(model)
-    scheduler = RankPruningScheduler(tinit=tinit, tfinal=tfinal, delta_t=delta_t)
-    scheduler.target_r = 2
-    scheduler.schedule = scheduler.build_schedule(units, T, 2)
-    stub = SimpleNamespace(rank_units=lambda: units)
+    scheduler = RankPruningScheduler(tinit=tinit, tfinal=tfinal, delta_t=delta_t, target_r=2)
+    stub = scheduler_on_units(scheduler, units, T)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     config = model.peft_config["default"]
     events = 0
@@ -139,7 +137,7 @@ def test_fit_prunes_to_exact_target_logs_losses_and_writes_rank_pattern(tiny_ber
     t.fit(module, batch_loader(14), batch_loader(2, seed=100))
     schedulers = [cb for cb in t.callbacks if isinstance(cb, RankPruningScheduler)]
     assert len(schedulers) == 1 and schedulers[0].finalised and schedulers[0].step == 14
-    ranks = module.rank_pattern()
+    ranks = module.kept_ranks()
     assert sum(ranks.values()) == 2 * len(ranks)
     written = json.loads((tmp_path / "checkpoints" / "rank_pattern.json").read_text())  # beside the checkpoints
     assert written["rank_pattern"] == ranks and written["final"] is True
@@ -159,7 +157,18 @@ def test_user_configured_scheduler_is_kept(tiny_bert):
     t = quiet_trainer(max_steps=4, callbacks=[mine])
     t.fit(module, batch_loader(4))
     assert [cb for cb in t.callbacks if isinstance(cb, RankPruningScheduler)] == [mine]
-    assert mine.finalised and sum(module.rank_pattern().values()) == 2 * 2
+    assert mine.finalised and sum(module.kept_ranks().values()) == 2 * 2
+
+
+def test_a_configured_scheduler_overrides_only_the_options_it_sets(tiny_bert):
+    module = AdaLoRAModule(backbone=tiny_bert, init_r=4, target_r=2, tinit=1, tfinal=2, delta_t=2, beta1=0.7,
+                           target_modules=["query"])
+    mine = RankPruningScheduler(tfinal=1, target_r=1)
+    quiet_trainer(max_steps=6, callbacks=[mine]).fit(module, batch_loader(6))
+    assert mine.settings == replace(module.settings, tfinal=1, target_r=1)
+    assert (mine.schedule.tinit, mine.schedule.tfinal, mine.schedule.delta_t) == (1, 1, 2)
+    assert mine.importance.beta1 == 0.7 and sum(module.kept_ranks().values()) == 1 * 2
+    assert module.run_settings == replace(module.settings, total_step=6)  # the module's own, steps resolved
 
 
 def test_equal_ranks_warn_once_and_never_prune(tiny_bert):
@@ -168,7 +177,7 @@ def test_equal_ranks_warn_once_and_never_prune(tiny_bert):
         warnings.simplefilter("always")
         quiet_trainer(max_steps=3).fit(module, batch_loader(3))
     assert len([w for w in caught if "nothing to prune" in str(w.message)]) == 1
-    assert all(r == 3 for r in module.rank_pattern().values())
+    assert all(r == 3 for r in module.kept_ranks().values())
 
 
 @pytest.mark.parametrize(
@@ -218,10 +227,30 @@ def test_peft_export_loads_with_equal_logits(tiny_bert, tmp_path, fmt):
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == fmt.upper()
     if fmt == "lora":  # modules pruned to rank 0 are left out
-        assert len(config["rank_pattern"]) == len([r for r in module.rank_pattern().values() if r > 0])
+        assert len(config["rank_pattern"]) == len([r for r in module.kept_ranks().values() if r > 0])
     loaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_bert), folder).eval()
     batch = {k: v for k, v in random_batch().items() if k != "labels"}
     with torch.no_grad():
         ours, theirs = module(batch).logits, loaded(**batch).logits
     assert not torch.allclose(ours, AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()(**batch).logits)
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_export_writes_the_runs_settings_with_resolved_steps(tiny_bert, tmp_path):
+    from peft import PeftConfig
+
+    from lora_lightning.export import export_checkpoint
+
+    module = AdaLoRAModule(backbone=tiny_bert, init_r=4, target_r=2, tinit=0.25, tfinal=0.25, delta_t=2, beta1=0.8,
+                           beta2=0.9, orth_reg_weight=0.1, target_modules=["query"])
+    t = quiet_trainer(max_steps=8, default_root_dir=tmp_path, enable_checkpointing=True)
+    t.fit(module, batch_loader(8))
+    expected = {"target_r": 2, "tinit": 2, "tfinal": 2, "deltaT": 2, "beta1": 0.8, "beta2": 0.9,
+                "orth_reg_weight": 0.1, "total_step": 8}
+    live = json.loads((export_peft(module, tmp_path / "live", format="adalora") / "adapter_config.json").read_text())
+    checkpoint = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    export_checkpoint(checkpoint, tmp_path / "from-ckpt", format="adalora")  # the run's steps travel in the file
+    saved = json.loads((tmp_path / "from-ckpt" / "adapter_config.json").read_text())
+    for config in (live, saved):
+        assert {key: config[key] for key in expected} == expected and config["init_r"] == 4
+    assert PeftConfig.from_pretrained(tmp_path / "from-ckpt").total_step == 8  # PEFT accepts the schedule

@@ -79,7 +79,7 @@ def test_fit_prunes_generated_lambda_with_adalora_scheduler(tiny_bert):
     fit.fit(module, loader(8))
     kinds = [type(cb) for cb in fit.callbacks]
     assert RankPruningScheduler in kinds and HypernetWarmup in kinds
-    pattern = module.rank_pattern()
+    pattern = module.kept_ranks()
     assert sum(pattern.values()) == 2 * len(pattern)  # exactly the target budget
     assert [g["name"] for g in fit.optimizers[0].param_groups] == ["adapters", "hypernet"]
     # the mask multiplies the generated Λ
@@ -192,7 +192,7 @@ def test_materialised_export_loads_in_peft_with_equal_logits(tiny_bert, tmp_path
         before = module(batch_inputs()).logits
     module.materialize()
     assert module.hypernet is None and all(type(layer) is SVDLinear for layer in module.adapters.values())
-    assert sum(module.rank_pattern().values()) == 2 * len(module.adapters)
+    assert sum(module.kept_ranks().values()) == 2 * len(module.adapters)
     folder = export_peft(module, tmp_path / fmt, format=fmt)
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == fmt.upper()
     loaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_bert), folder).eval()

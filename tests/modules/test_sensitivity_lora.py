@@ -22,13 +22,29 @@ MISSING = "/definitely/not/a/backbone"  # loading it would fail: errors below mu
         ({"r_avg": 8, "r_max": 4}, "r_max=4 is below the average rank"),
         ({"r_min": 0}, "r_min must be >= 1"),
         ({"num_batches": 0}, "num_batches must be >= 1"),
-        ({"rank": 8}, "decides ranks itself"),
-        ({"rank_pattern": {"query": 2}}, "decides ranks itself"),
+        ({"alpha": 0}, "alpha must be > 0"),
+        ({"topk_ratio": 0}, "topk_ratio and effrank_alpha must lie in"),
     ],
 )
 def test_bad_input_fails_before_loading_the_backbone(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SensitivityLoRAModule(backbone=MISSING, **kwargs)
+
+
+@pytest.mark.parametrize("fixed", [{"rank": 8}, {"rank_pattern": {"query": 2}}])
+def test_ranks_are_not_arguments(fixed):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{next(iter(fixed))}'"):
+        SensitivityLoRAModule(backbone=MISSING, **fixed)
+
+
+def test_settings_hold_the_arguments_and_hparams_hold_no_rank(tiny_bert):
+    module = SensitivityLoRAModule(backbone=tiny_bert, r_avg=3, r_max=5, alpha=8.0, alpha_pattern={"query": 4.0})
+    assert (module.settings.r_avg, module.settings.r_max, module.settings.alpha) == (3, 5, 8.0)
+    assert "rank" not in module.hparams and "rank_pattern" not in module.hparams
+    alphas = {name: layer.alpha for name, layer in module.lora_layers().items()}
+    assert {alphas[n] for n in alphas if n.endswith("query")} == {4.0}
+    assert {alphas[n] for n in alphas if not n.endswith("query")} == {8.0}
+    assert set(module.kept_ranks().values()) == {3}  # the average until the allocation
 
 
 def allocated(tiny_bert, **kwargs):
@@ -45,7 +61,7 @@ def allocated(tiny_bert, **kwargs):
 def test_apply_allocation_reshapes_layers(tiny_bert):
     module, ranks = allocated(tiny_bert)
     assert {n: layer.rank for n, layer in module.lora_layers().items()} == ranks
-    assert module.rank_pattern == ranks
+    assert module.kept_ranks() == ranks
     assert all(layer.lora_A.requires_grad and layer.lora_B.requires_grad for layer in module.lora_layers().values())
     assert module.allocation_report["trainable_lora_parameters"] == sum(
         ranks[n] * (layer.in_features + layer.out_features) for n, layer in module.lora_layers().items()
