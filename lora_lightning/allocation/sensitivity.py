@@ -1,28 +1,16 @@
 """Sensitivity-LoRA (Zhang, Huang, Li et al., Findings of EMNLP 2025): ranks decided once, before training,
-from the Hessian diagonal of every adapted matrix. See ``METHODS.md`` §3 for the maths and our reading of its gaps.
+from the Hessian diagonal of every adapted matrix. Plain torch (no Lightning); the maths is METHODS.md §3, the
+estimators and our reading of the gaps docs/sensitivity_lora.md.
 
-Two halves, both plain torch (no Lightning):
+::
 
-1. **Estimators** return, per adapted matrix, a Hessian-diagonal vector of length ``d_in`` (one value per input
-   channel). They follow a small protocol (:class:`SensitivityEstimator`) so research code can register its own
-   with :func:`register_estimator`. Each returns *sums and counts* (:class:`DiagonalStatistics`) rather than
-   means, so a distributed caller can all-reduce both and every rank divides the same numbers.
+    calibration batches ─► estimator (activation | fisher | hutchinson | registered) ─► DiagonalStatistics
+    (sums and counts per matrix, all-reducible) ─► diagonals ─► fused_scores (trace, top-k, effective rank, σ/μ²
+    weights → θ) ─► allocate_ranks (θ-proportional, clamped to [r_min, r_max], summing to round(r_avg · n))
 
-   - ``activation`` (the paper's): GPTQ's layer Hessian ``H = 2 X Xᵀ / N``; diagonal ``h_j = (2/N) Σ_t x_tj²``
-     over the non-padding tokens reaching the layer. Forward passes only.
-   - ``fisher``: the diagonal empirical Fisher of the frozen weight, the mean over calibration batches of the
-     squared gradient of the batch loss, ``F_ij = (1/B) Σ_b (∂L_b/∂W_ij)²``.
-   - ``hutchinson``: the diagonal of the task-loss Hessian, ``diag(H) = E[z ⊙ Hz]`` with Rademacher ``z``,
-     by double backward.
-
-   ``fisher`` and ``hutchinson`` are per element of ``W`` (``d_out × d_in``); they are reduced to the input
-   channel by averaging over the output rows, which makes them comparable to ``activation`` (whose per-row
-   Hessian is the same for every row). ``weight_by_dout=True`` sums over rows instead (for ``activation``:
-   multiplies by ``d_out``), so that larger matrices weigh more in the trace.
-
-2. **The allocation**: the metrics (trace, Top-k, effective rank), the σ/μ² weights, the fused score and the
-   rank formula ``r_w = θ_w / Σθ · r_total`` with our clamps to ``[r_min, r_max]`` and largest-remainder rounding
-   (:func:`allocate_ranks`). :func:`sensitivity_allocation` chains them.
+Contract of an estimator (:class:`SensitivityEstimator`, registered with :func:`register_estimator`): for every
+adapted matrix, a per-input-channel sum of Hessian-diagonal values and its count; per-element estimates are
+averaged over output rows (summed with ``weight_by_dout``).
 """
 from __future__ import annotations
 

@@ -13,17 +13,13 @@ What the LightningModule must provide (the whole interface; nothing else of the 
   to the scheduler itself (not ``None``) overrides the module's for this callback; a module without ``settings``
   needs ``target_r`` given here.
 
-What it does, per optimiser step ``t`` (= ``trainer.global_step`` after the step; micro-batches of gradient
-accumulation are not steps): update the importance EMAs (unless ``t >= T - tfinal``; a step with non-finite
-gradients, such as one skipped by fp16 loss scaling, is left out of the EMAs), then mask to the budget ``b(t)`` every
-``delta_t`` steps, and fix the target pattern at the first ``t >= T - tfinal``. Masking is the paper's truncation: a
-unit's ``stored_lam`` (if it gives one) is set to 0 at pruned triplets, with its optimiser moments, at every event,
-so a pruned triplet stays at Λ = 0 and restarts from 0 when kept again; PEFT instead zeroes Λ at events only and
-lets pruned entries regrow in between. Masks are computed from state that is identical on every DDP rank (gradients
-are all-reduced before the step) and then broadcast from rank 0, so no rank can drift; the truncation follows the
-broadcast masks, so it is identical on every rank too. Its state (EMAs in fp32, masks, the step it has reached,
-whether the pattern is final) is its ``state_dict``, which Lightning stores in checkpoints: a resumed run continues
-exactly.
+Per optimiser step ``t`` (``trainer.global_step``; accumulation micro-batches are not steps):
+
+    update importance EMAs (t < T - tfinal, finite grads only) ─► every delta_t: top-b(t) masks ─► broadcast from
+    rank 0 ─► write masks, truncate pruned Λ and its optimiser moments to 0 ─► at t >= T - tfinal: final pattern
+
+Its ``state_dict`` (EMAs, masks, step, finalised) is in every checkpoint, so a resumed run continues exactly. The
+schedule, the truncation and where it differs from PEFT: docs/adalora.md.
 """
 from __future__ import annotations
 

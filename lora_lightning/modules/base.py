@@ -49,20 +49,29 @@ class AdapterModule(L.LightningModule):
     """A ``transformers`` backbone with adapter layers injected into ``target_modules``.
 
     Args:
-        backbone: hub id, local folder, or packaged alias (``minilm``, ``smollm2``).
-        task: ``sequence-classification`` (``num_labels=1`` is regression) or ``causal-lm``.
-        target_modules: linear-layer name suffixes, a regex on the full name, or ``"all-linear"``.
-        modules_to_save: modules trained in full and saved with the adapter; ``None`` finds the
+        backbone (str): hub id, local folder, or packaged alias (``minilm``, ``smollm2``).
+        task (str): ``sequence-classification`` (``num_labels=1`` is regression) or ``causal-lm``.
+        num_labels (int): classes of a classification head (1: regression); must match the data's.
+        target_modules (str | list[str]): linear-layer name suffixes, a regex on the full name, or ``"all-linear"``.
+        modules_to_save (list[str] | None): modules trained in full and saved with the adapter; ``None`` finds the
             classification head automatically.
-        metrics: names of validation metrics (default: the task's); the first is the one to monitor.
-        backbone_dtype: dtype of the frozen base (``float32``, ``bfloat16``, ``float16`` on CUDA, ``auto``);
-            adapters, hypernetworks and ``modules_to_save`` stay fp32 (docs/large_models.md).
-        gradient_checkpointing: non-reentrant activation checkpointing of the backbone's transformer blocks.
-        quantization: ``none``, ``nf4`` or ``int8``: the frozen linear layers stored quantised (bitsandbytes).
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (``None``: transformers' default).
-        optimizer / lr_scheduler: callables taking parameter groups / an optimiser (set from YAML);
-            defaults are AdamW(``learning_rate``, ``weight_decay``) and transformers'
+        metrics (list[str] | None): names of validation metrics (default: the task's); the first is the one to
+            monitor.
+        label_names (list[str] | None): class names, written into exports and predictions (default: the data's).
+        learning_rate (float): peak learning rate of the default AdamW and schedule.
+        weight_decay (float): AdamW weight decay of the adapter parameters.
+        warmup_ratio (float): fraction of the steps of the default schedule's linear warm-up.
+        optimizer (OptimizerCallable | None): a callable taking parameter groups (set from YAML); default
+            AdamW(``learning_rate``, ``weight_decay``).
+        lr_scheduler (LRSchedulerCallable | None): a callable taking the optimiser; default transformers'
             ``get_linear_schedule_with_warmup`` (0 → ``learning_rate`` over ``warmup_ratio`` of the steps, then to 0).
+        trust_remote_code (bool): let ``transformers`` run modelling code shipped with the backbone.
+        backbone_dtype (str): dtype of the frozen base (``float32``, ``bfloat16``, ``float16`` on CUDA, ``auto``);
+            adapters, hypernetworks and ``modules_to_save`` stay fp32 (docs/large_models.md).
+        gradient_checkpointing (bool): non-reentrant activation checkpointing of the backbone's transformer blocks.
+        quantization (str): ``none``, ``nf4`` or ``int8``: the frozen linear layers stored quantised (bitsandbytes).
+        attn_implementation (str | None): ``sdpa``, ``eager`` or ``flash_attention_2`` (``None``: transformers'
+            default).
     """
 
     def __init__(
