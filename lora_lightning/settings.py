@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Self
 
 from lora_lightning.adapters.base import check_alpha
 from lora_lightning.adapters.hyper import MODES as HYPERNET_MODES
@@ -91,7 +91,7 @@ class RankSchedule:
         steps = sum(value for value in (self.tinit, self.tfinal) if not isinstance(value, float))
         return math.ceil((steps + 1) / (1 - self._fractions()))
 
-    def resolved(self, estimated_steps: int | float) -> RankSchedule:
+    def resolved(self, estimated_steps: int | float) -> Self:
         """These settings for one run: ``total_step`` (its own, else ``estimated_steps``) and phases as int steps."""
         total = self.total_step if self.total_step is not None else estimated_steps
         if total is None or total == float("inf"):
@@ -125,9 +125,9 @@ class AdaLoRASettings(RankSchedule):
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
 
     def peft_schedule(self) -> dict[str, Any]:
-        """``target_r``, the schedule and ``orth_reg_weight`` as PEFT's ``AdaLoraConfig`` names them. Unresolved settings (a module never fit: no run length)
-        are resolved over the shortest run PEFT accepts."""
-        run = self if self.total_step is not None else self.resolved(self.shortest_run())
+        """``target_r``, the schedule (in steps) and ``orth_reg_weight`` as PEFT's ``AdaLoraConfig`` names them.
+        Settings without a ``total_step`` (a module never fit: no run length) use the shortest run PEFT accepts."""
+        run = self.resolved(self.shortest_run())
         return {"target_r": run.target_r, "tinit": run.tinit, "tfinal": run.tfinal,
                 "deltaT": run.delta_t, "beta1": run.beta1, "beta2": run.beta2,
                 "orth_reg_weight": run.orth_reg_weight, "total_step": run.total_step}

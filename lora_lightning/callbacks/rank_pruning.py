@@ -144,19 +144,19 @@ class RankPruningScheduler(Callback):
         if not units:
             raise ValueError("The module reports no rank units: there is nothing to prune.")
         self.settings = self.merged_settings(pl_module, units)
-        self.target_r = self.settings.target_r
+        target_r = self.settings.target_r
         if self.importance is None:
             self.importance = ImportanceTracker(self.settings.beta1, self.settings.beta2)
         ranks = {u.rank for u in units.values()}
-        if ranks == {self.target_r}:
+        if ranks == {target_r}:
             warnings.warn(
-                f"init_r == target_r == {self.target_r}: AdaLoRA has nothing to prune; training with fixed ranks.",
+                f"init_r == target_r == {target_r}: AdaLoRA has nothing to prune; training with fixed ranks.",
                 stacklevel=2,
             )
             self.disabled = True
             return
         run = self.settings.resolved(trainer.estimated_stepping_batches)
-        self.schedule = self.build_schedule(units, run, self.target_r)
+        self.schedule = self.build_schedule(units, run, target_r)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._loaded_masks is not None:  # resumed: the module's buffers come from the same checkpoint
@@ -243,7 +243,7 @@ class RankPruningScheduler(Callback):
         where = "not written: no checkpoint or log folder"
         if folder is not None:
             path = write_rank_pattern(Path(folder) / "rank_pattern.json", ranks, extra={
-                "step": trainer.global_step, "final": self.finalised, "target_r": self.target_r,
+                "step": trainer.global_step, "final": self.finalised, "target_r": self.settings.target_r,
                 "skipped_steps": self.skipped_steps,
             })
             where = f"pattern written to {path}"
