@@ -16,6 +16,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lora_lightning.sharding import local_shard
+
 
 class NonFiniteTrainingError(RuntimeError):
     """The training loss or a trained weight became NaN or infinite."""
@@ -25,7 +27,8 @@ def any_nonfinite(tensors: list[torch.Tensor], device: torch.device) -> torch.Te
     """A 0-d float tensor on ``device``: 1 when any of ``tensors`` holds a NaN or infinity, else 0 (no host sync)."""
     if not tensors:
         return torch.zeros((), device=device)
-    return torch.stack([(~torch.isfinite(t.detach())).any().to(device) for t in tensors]).any().float()
+    local = [local_shard(t.detach()) for t in tensors]  # a sharded (FSDP2) weight: this process's shard
+    return torch.stack([(~torch.isfinite(t)).any().to(device) for t in local]).any().float()
 
 
 class NonFiniteGuard(Callback):
@@ -53,7 +56,8 @@ class NonFiniteGuard(Callback):
                 + self._advice(trainer, pl_module)
             )
         if bad_weights:
-            names = [n for n, p in pl_module.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+            names = [n for n, p in pl_module.named_parameters()
+                     if p.requires_grad and not torch.isfinite(local_shard(p.detach())).all()]
             first = f" (first: {names[0]})" if names else " (on another process)"
             raise NonFiniteTrainingError(
                 f"{len(names) or 'Some'} trained tensors became NaN or infinite at optimiser step "

@@ -30,6 +30,7 @@ from lora_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from lora_lightning.callbacks.nonfinite import NonFiniteGuard
 from lora_lightning.modules.tasks import Task
 from lora_lightning.modules.tasks import build_task as make_task
+from lora_lightning.sharding import is_sharded, keep_only_in_state_dict, shard_backbone
 
 CHECKPOINT_KEY = "lora_lightning"
 FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
@@ -232,6 +233,18 @@ class AdapterModule(L.LightningModule):
         if self.label_names:
             self.backbone.config.id2label = dict(enumerate(self.label_names))
             self.backbone.config.label2id = {name: i for i, name in enumerate(self.label_names)}
+
+    # ----------------------------------------------------------------- sharding (ModelParallelStrategy)
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (a device mesh is set), shard the backbone with FSDP2: one unit per
+        transformer block, the rest as the root (:mod:`lora_lightning.sharding`). The state dict then holds only the
+        adapter state, so checkpoints gather adapters and heads, never the frozen base; loading is not strict about
+        the base. Other strategies: nothing to do. Idempotent (Lightning calls it for every stage)."""
+        if self.device_mesh is None or is_sharded(self.backbone):
+            return
+        shard_backbone(self.backbone, self.device_mesh)
+        keep_only_in_state_dict(self, self.adapter_state_keys)
+        self.strict_loading = False
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 
 from lora_lightning.callbacks.sensitivity import HessianSensitivityEstimator
+from lora_lightning.sharding import full_tensor
 
 
 class SignalAtStep(L.Callback):
@@ -30,6 +31,20 @@ class SignalAtStep(L.Callback):
         os.kill(os.getpid(), getattr(signal, self.signum))
 
 
+class StopAtStep(L.Callback):
+    """Stop the fit after optimiser step ``step`` (an interrupted run), only on the first launch: a marker file per
+    rank (``marker`` formatted with ``rank``) stops it firing again, so the same command line resumes to the end."""
+
+    def __init__(self, step: int, marker: str) -> None:
+        self.step, self.marker = step, marker
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        marker = self.marker.format(rank=trainer.global_rank)
+        if trainer.global_step == self.step and not os.path.exists(marker):
+            open(marker, "w").close()
+            trainer.should_stop = True
+
+
 class DumpState(L.Callback):
     """At the end of fit, write (per rank) the adapter weights, every callback's state and the rank layout."""
 
@@ -40,7 +55,7 @@ class DumpState(L.Callback):
         full = pl_module.state_dict()
         state = {
             "global_step": trainer.global_step,
-            "adapter": {k: full[k].detach().cpu().clone() for k in pl_module.adapter_state_keys()},
+            "adapter": {k: full_tensor(full[k].detach()).cpu().clone() for k in pl_module.adapter_state_keys()},
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks
                           if type(cb).__module__.startswith("lora_lightning") or isinstance(cb, HessianSensitivityEstimator)},
             "allocation": getattr(pl_module, "allocation", None),

@@ -1,0 +1,90 @@
+"""FSDP2 sharding of an adapter module's backbone, for Lightning's ``ModelParallelStrategy`` (docs/large_models.md).
+
+Each transformer block is one ``fully_shard`` unit (its frozen base weights and its adapters together: FSDP2 reduces
+gradients only for the parameters that have them), the backbone's remaining parameters (embeddings, final norm,
+trained head) are the root unit. While sharded, the module's ``state_dict`` holds only the adapter state, so that a
+checkpoint gathers the adapters and heads in full and never the frozen base.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from torch import Tensor, nn
+
+DATA_PARALLEL = "data_parallel"
+TENSOR_PARALLEL = "tensor_parallel"
+
+
+class ShardingError(ValueError):
+    """A module or backbone that cannot be sharded as asked."""
+
+
+def transformer_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's transformer blocks: modules whose class is named in ``_no_split_modules`` (``transformers``'
+    own list of blocks that must stay whole), else the children of its longest ``ModuleList`` of one class."""
+    names = set(getattr(backbone, "_no_split_modules", None) or ())
+    blocks = [m for m in backbone.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in backbone.modules()
+             if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1]
+    if lists:
+        return list(max(lists, key=len))
+    raise ShardingError(
+        f"Cannot find the transformer blocks of {type(backbone).__name__} to shard: it names no _no_split_modules and "
+        "has no ModuleList of identical layers. Train it with strategy 'ddp', or override configure_model to shard it."
+    )
+
+
+def data_parallel_mesh(mesh):
+    """The 1-D data-parallel mesh of a ``ModelParallelStrategy`` mesh; tensor parallelism is refused."""
+    names = mesh.mesh_dim_names or ()
+    if TENSOR_PARALLEL in names and mesh[TENSOR_PARALLEL].size() > 1:
+        raise ShardingError(
+            f"lora-lightning shards by data parallelism only, but the strategy has tensor_parallel_size="
+            f"{mesh[TENSOR_PARALLEL].size()}; set ModelParallelStrategy(data_parallel_size=<processes>, "
+            "tensor_parallel_size=1)."
+        )
+    return mesh[DATA_PARALLEL] if DATA_PARALLEL in names else mesh
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def shard_backbone(backbone: nn.Module, mesh) -> None:
+    """``fully_shard`` every transformer block of ``backbone`` over the data-parallel part of ``mesh``, then the
+    backbone itself as the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    dp_mesh = data_parallel_mesh(mesh)
+    for block in transformer_blocks(backbone):
+        fully_shard(block, mesh=dp_mesh)
+    fully_shard(backbone, mesh=dp_mesh)
+
+
+def keep_only_in_state_dict(module: nn.Module, keys: Callable[[], Iterable[str]]) -> None:
+    """From now on ``module.state_dict()`` holds only the entries named by ``keys()`` (read at each call)."""
+
+    def drop_others(owner: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+        kept = {f"{prefix}{key}" for key in keys()}
+        for key in [k for k in state_dict if k.startswith(prefix) and k not in kept]:
+            del state_dict[key]
+
+    module.register_state_dict_post_hook(drop_others)
+
+
+def local_shard(tensor: Tensor) -> Tensor:
+    """This process's part of a sharded (DTensor) ``tensor``; any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_tensor(tensor: Tensor) -> Tensor:
+    """The whole of a sharded (DTensor) ``tensor``, gathered from every process (a collective); any other as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -1,0 +1,77 @@
+"""Sharded training with Lightning's ModelParallelStrategy (FSDP2 ``fully_shard`` per transformer block), 2 processes
+over gloo through the real console script, compared with DDP runs of the same config: adapter weights, checkpoint
+content (adapter and head only, full tensors), exact resume and the PEFT export."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from lora_lightning.export import export_checkpoint, read_peft_export
+from tests.cluster.launcher import assert_same, finish, launch, write_config
+
+pytestmark = pytest.mark.integration
+
+FSDP2 = ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
+         "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1",
+         "--trainer.strategy.save_distributed_checkpoint", "false"]
+DDP = ["--trainer.strategy", "ddp"]
+TARGETS = {"tiny_bert": ["query", "value"], "tiny_llama": ["q_proj", "v_proj"]}
+
+
+def config(folder, backbone: str, targets: list[str], stop_at: int | None = None):
+    """A 6-step LoRA fit with a checkpoint every 4 steps, dumping the final adapter per rank; with ``stop_at``, the
+    first launch stops after that step (the next one resumes)."""
+    callbacks = [{"class_path": "cluster_callbacks.DumpState", "init_args": {"path": str(folder / "final{rank}.pt")}}]
+    if stop_at is not None:
+        callbacks.append({"class_path": "cluster_callbacks.StopAtStep",
+                          "init_args": {"step": stop_at, "marker": str(folder / "stopped{rank}")}})
+    path = write_config(folder, backbone, max_steps=6, checkpoint_every=4, callbacks=callbacks)
+    content = yaml.safe_load(path.read_text())
+    content["model"]["init_args"]["target_modules"] = targets
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def fit(path, strategy: list[str], *extra: str) -> None:
+    log = path.parent / "launch.log"
+    code, output = finish(launch(path, extra=["--trainer.devices", "2", *strategy, *extra], log=log), log)
+    assert code == 0, output[-3000:]
+
+
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("backbone", ["tiny_bert", "tiny_llama"])
+def test_lora_sharded_equals_ddp_saves_adapters_only_resumes_and_exports(backbone, request, tmp_path):
+    folder = request.getfixturevalue(backbone)
+    fit(config(tmp_path / "ddp", folder, TARGETS[backbone]), DDP)
+    sharded = config(tmp_path / "fsdp", folder, TARGETS[backbone], stop_at=4)
+    fit(sharded, FSDP2)
+
+    # after 4 steps: the sharded checkpoint holds the adapters and the head, whole, equal to DDP's; no base weight
+    at_4, ddp_at_4 = load(tmp_path / "fsdp/checkpoints/last.ckpt"), load(tmp_path / "ddp/checkpoints/epoch=1-step=4.ckpt")
+    assert at_4["global_step"] == ddp_at_4["global_step"] == 4
+    assert set(at_4["state_dict"]) == set(ddp_at_4["state_dict"])
+    assert all(".lora_" in key or key.split(".")[1] in ("classifier", "score") for key in at_4["state_dict"])
+    for key, tensor in at_4["state_dict"].items():
+        assert type(tensor) is torch.Tensor and tensor.shape == ddp_at_4["state_dict"][key].shape, key
+        torch.testing.assert_close(tensor, ddp_at_4["state_dict"][key], atol=1e-5, rtol=0, msg=key)
+    saved = sum(t.numel() for t in at_4["state_dict"].values())
+    assert saved < 10_000, saved  # the tiny base has ~1M parameters (its embeddings alone)
+    assert (tmp_path / "fsdp/checkpoints/last.ckpt").stat().st_size < 200_000
+
+    # resumed to step 6 from that checkpoint: equal to the uninterrupted DDP run, on both ranks
+    fit(sharded, FSDP2)
+    reference = load(tmp_path / "ddp/final0.pt")
+    for rank in (0, 1):
+        resumed = load(tmp_path / f"fsdp/final{rank}.pt")
+        assert resumed["global_step"] == 6
+        assert_same(resumed["adapter"], reference["adapter"], "adapter")
+
+    # the sharded checkpoint loads into an unsharded module; its PEFT export equals the DDP export
+    exported = [read_peft_export(export_checkpoint(tmp_path / f"{run}/checkpoints/last.ckpt", tmp_path / f"{run}-peft"))
+                for run in ("fsdp", "ddp")]
+    assert exported[0][0] == exported[1][0]
+    assert_same(exported[0][1], exported[1][1], "export")
