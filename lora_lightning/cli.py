@@ -17,6 +17,7 @@ from lora_lightning.callbacks.predictions import PredictionWriter
 from lora_lightning.callbacks.summary import RunSummary
 from lora_lightning.checkpoint import read_checkpoint
 from lora_lightning.console import console_callbacks, default_logger, quiet_third_party
+from lora_lightning.data.glue import get_glue_task
 from lora_lightning.export import export_checkpoint, export_formats
 from lora_lightning.modules.base import AdapterModule
 
@@ -84,6 +85,15 @@ def clamp_val_check_interval(trainer_config) -> None:
                        f"validating after batch {run_batches} instead.")
 
 
+def default_glue_metrics(subcommand_config) -> None:
+    """A model without ``metrics`` that trains on ``source: glue/<task>`` reports that task's metrics from the GLUE
+    table (CoLA: matthews, STS-B: pearson and spearman, MRPC/QQP: accuracy and f1, the rest: accuracy)."""
+    model_args = (subcommand_config.get("model") or {}).get("init_args") or {}
+    source = str(((subcommand_config.get("data") or {}).get("init_args") or {}).get("source") or "")
+    if source.startswith("glue/") and "metrics" in model_args and model_args.get("metrics") is None:
+        model_args["metrics"] = list(get_glue_task(source.split("/", 1)[1]).metric_names)
+
+
 def check_checkpoint_method(checkpoint: dict, ckpt_path: str, model_config) -> None:
     """Refuse an explicit ``--ckpt_path`` written by another method than the configured model: LightningCLI would
     silently run the checkpoint's class instead (its hyperparameters replace the model config)."""
@@ -118,7 +128,9 @@ class LoRALightningCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")
-        clamp_val_check_interval(self.config[subcommand]["trainer"] if subcommand else self.config["trainer"])
+        config = self.config[subcommand] if subcommand else self.config
+        clamp_val_check_interval(config["trainer"])
+        default_glue_metrics(config)
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         # the console defaults (lora_lightning/console.py) depend on the trainer config, so they are added here

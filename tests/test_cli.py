@@ -139,3 +139,22 @@ def test_noise_filters_drop_only_their_messages():
         quiet_third_party("fit")
         warnings.warn("The dirpath has changed from 'a' to 'b', therefore ...")
     assert len(caught) == 1  # kept during fit: a resumed fit's best-model tracking restarts
+
+
+def test_a_glue_source_gives_the_model_its_metrics_unless_the_config_names_them():
+    from jsonargparse import Namespace
+
+    from lora_lightning.cli import default_glue_metrics
+
+    def config(source: str, metrics):
+        return Namespace(model=Namespace(init_args=Namespace(metrics=metrics)),
+                         data=Namespace(init_args=Namespace(source=source)))
+
+    cola, stsb, mine, files = config("glue/cola", None), config("glue/stsb", None), config("glue/cola", ["f1"]), \
+        config("files", None)
+    for each in (cola, stsb, mine, files):
+        default_glue_metrics(each)
+    assert cola.model.init_args.metrics == ["matthews"]
+    assert stsb.model.init_args.metrics == ["pearson", "spearman"]
+    assert mine.model.init_args.metrics == ["f1"]
+    assert files.model.init_args.metrics is None

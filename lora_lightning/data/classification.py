@@ -141,13 +141,6 @@ class TextClassificationDataModule(TokenizedDataModule):
         """True when the model should predict one real-valued score."""
         return self.num_labels == 1
 
-    @property
-    def metric_names(self) -> list[str]:
-        """Metrics the model should report: the GLUE table's, else accuracy+f1 or pearson+spearman."""
-        if self.glue_task is not None:
-            return list(self.glue_task.metric_names)
-        return ["pearson", "spearman"] if self.is_regression else ["accuracy", "f1"]
-
     # ------------------------------------------------------------------------------------- raw data
     def _label_space(self) -> LabelSpace:
         if self._space is None:

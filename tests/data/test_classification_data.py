@@ -41,7 +41,6 @@ def test_rotten_tomatoes_split_sizes_and_label_counts(rotten_tomatoes):
     counts = Counter(train.labels) + Counter(validation.labels)
     assert counts == {1: RT_FRESH, 0: RT_ROTTEN}
     assert rotten_tomatoes.label_names == ["rotten", "fresh"] and rotten_tomatoes.num_labels == 2
-    assert rotten_tomatoes.metric_names == ["accuracy", "f1"]
     train_ids, validation_ids = split_indices(RT_TOTAL, 0.1, seed=42)
     assert set(train_ids).isdisjoint(validation_ids)
 
@@ -150,7 +149,6 @@ def test_regression_labels_are_float(tmp_path):
         source="files", train_file=path, text_fields=["sentence1", "sentence2"], validation_fraction=0.2, batch_size=3
     )
     assert data.num_labels == 1 and data.is_regression and data.label_names is None
-    assert data.metric_names == ["pearson", "spearman"]
     data.setup("fit")
     labels = torch.cat([batch["labels"] for batch in data.train_dataloader()])
     assert labels.dtype == torch.float32
