@@ -8,30 +8,14 @@ factors of SVD (P, Λ, Q) or LoRA (A, B) adapters, once per optimiser step, inde
     Λ̄ (r)          ── scalars ──► in_proj[1]     + …                        ─► (MHA over r  ─► out_proj[1]     ─► Λ̄ + ΔΛ
     Q̄ (r × d_in)   ── rows    ──► in_proj[d_in]  + …                        ─►  tokens, MLP) ─► out_proj[d_in]  ─► Q̄ + ΔQ
 
-* One :class:`FactorGenerator` per factor kind (P, Λ, Q separately; A, B for LoRA). Its input/output projections
-  are shared among all matrices with the same dimension, its encoder layer among all matrices. The matrix
-  embedding is the sum of a layer-index and a module-type embedding, both read from the module name by
-  :func:`~lora_lightning.adapters.names.module_position` (``…layer.3.attention.self.query`` → 3,
-  ``attention.self.query``; a name outside the numbered layers, such as a pooler, gets a layer id of its own).
-* Output projections start at zero, so at step 0 every generated factor equals its base factor: the model equals
-  AdaLoRA (or LoRA) with the same base factors.
-* Modes (``mode``):
-  ``residual``  P = P̄ + G(P̄), base factors and generators trained together;
-  ``recurrent`` base factors are buffers, only the generators train; after each optimiser step
-  :meth:`AdapterHypernet.recurrent_update` writes the step's generated factors into them (P̄ ← P, detached);
-  ``seeded``    base factors are frozen random buffers (AdaLoRA's init), only the generators train.
-* The mask of an SVD adapter multiplies the *generated* Λ (pruning acts on the Λ-generator's outputs).
-
-Generation and autograd (our choice, one comment here): all matrices are generated in a handful of batched calls
-(one per factor kind and dimension), never per token. The result is cached and reused by every forward until either
-a parameter or base factor changes (tracked by tensor version counters, so an optimiser step or a checkpoint load
-invalidates it) or, in grad mode, a backward pass has consumed its graph. With gradient accumulation each
-micro-batch therefore regenerates once (same values: nothing changed in between) and carries its own small graph,
-so every micro-batch's backward reaches the generators through ordinary autograd — which is also what DDP needs to
-all-reduce their gradients. The alternative (generate once, differentiate into leaf copies, push the summed
-gradient back by hand) saves a few generator passes per step but hides the generators' gradients from DDP.
-Gradients of the generated tensors themselves are accumulated over the micro-batches of a step (for importance
-scoring) and reset when a step with new parameters starts generating. Nothing here imports Lightning.
+* One :class:`FactorGenerator` per factor kind (P, Λ, Q; A, B for LoRA); projections shared among matrices of the
+  same dimension, the encoder layer among all matrices. Output projections start at zero: at step 0 the model
+  equals AdaLoRA (or LoRA) with the same base factors.
+* Modes: ``residual`` (base factors and generators trained), ``recurrent`` (base ← generated after each step),
+  ``seeded`` (frozen random base). The mask of an SVD adapter multiplies the *generated* Λ.
+* Generation is batched per factor kind and dimension and cached until a parameter changes (tensor versions) or a
+  backward consumed its graph; generated tensors' gradients accumulate over a step's micro-batches for importance.
+  Why, and the modes in full: docs/hyperadalora.md. Nothing here imports Lightning.
 """
 from __future__ import annotations
 
