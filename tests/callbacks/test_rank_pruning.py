@@ -2,9 +2,7 @@
 exact resume, DDP-identical state, its state_dict, and the rank report helpers."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -15,12 +13,6 @@ from torch import nn
 from tests.helpers import FlipFirstTriplet, TruncationProbe, batch_loader, quiet_trainer, scheduler_on_units
 from lora_lightning.allocation.importance import RankUnit
 from lora_lightning.callbacks import RankPruningScheduler
-from lora_lightning.callbacks.rank_report import (
-    log_rank_heatmap,
-    rank_grid,
-    rank_summary,
-    write_rank_pattern,
-)
 from lora_lightning.modules import AdaLoRAModule
 
 TARGETS = ["query", "value", "dense"]
@@ -274,40 +266,3 @@ def test_scheduler_argument_errors():
 def test_a_module_without_settings_needs_target_r_on_the_scheduler():
     with pytest.raises(ValueError, match=r"needs target_r: UnitsModule has no AdaLoRA settings"):
         scheduler_on_units(RankPruningScheduler(), units_fixture(), 10)
-
-
-# ----------------------------------------------------------------- rank report helpers
-RANKS = {
-    "bert.encoder.layer.0.attention.self.query": 3,
-    "bert.encoder.layer.0.output.dense": 0,
-    "bert.encoder.layer.1.attention.self.query": 5,
-    "bert.encoder.layer.10.output.dense": 2,
-    "bert.pooler.dense": 1,
-}
-
-
-def test_rank_grid_layers_by_types():
-    layers, types, grid = rank_grid(RANKS)
-    assert layers == ["0", "1", "10", "-"]
-    assert types == ["attention.self.query", "output.dense", "bert.pooler.dense"]
-    assert grid[0].tolist()[:2] == [3.0, 0.0] and grid[2, 1] == 2.0 and grid[3, 2] == 1.0
-    assert torch.isnan(grid[1, 1]) and torch.isnan(grid[2, 0])
-
-
-def test_rank_summary():
-    text = rank_summary(RANKS, title="Kept")
-    assert text.splitlines()[0] == "Kept: 5 modules, total 11, mean 2.20, min 0, max 5, pruned to 0: 1"
-    assert "| 10 |  | 2 |  |" in text
-
-
-def test_log_heatmap_and_write_pattern(tmp_path):
-    calls = []
-    logger = SimpleNamespace(experiment=SimpleNamespace(
-        add_image=lambda tag, img, global_step, dataformats: calls.append((tag, img.shape, global_step, dataformats)),
-        add_text=lambda tag, text, global_step: calls.append((tag, text[:7], global_step)),
-    ))
-    assert log_rank_heatmap(logger, RANKS, step=7)
-    assert calls[0][0] == "rank/heatmap" and calls[0][1][2] == 3 and calls[0][2] == 7 and calls[1][0] == "rank/heatmap_table"
-    assert not log_rank_heatmap(SimpleNamespace(experiment=object()), RANKS, step=7)
-    path = write_rank_pattern(tmp_path / "sub" / "rank_pattern.json", RANKS, extra={"step": 3})
-    assert json.loads(path.read_text()) == {"rank_pattern": RANKS, "step": 3}
