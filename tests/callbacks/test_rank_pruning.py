@@ -1,5 +1,5 @@
 """RankPruningScheduler inside a Trainer: optimiser steps (not micro-batches), skipped non-finite steps, bf16,
-exact resume, DDP-identical state, its state_dict, and the rank report helpers."""
+exact resume, DDP-identical state, truncation of pruned triplets and its state_dict."""
 from __future__ import annotations
 
 from pathlib import Path
