@@ -8,8 +8,11 @@ checkpoint gathers the adapters and heads in full and never the frozen base.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from torch import Tensor, nn
+
+from lora_lightning.allocation.importance import RankUnit
 
 DATA_PARALLEL = "data_parallel"
 TENSOR_PARALLEL = "tensor_parallel"
@@ -54,6 +57,17 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
+def check_sharded(module: nn.Module, backbone: nn.Module) -> None:
+    """Under ``ModelParallelStrategy`` (``module.device_mesh`` set) the backbone must be sharded by now: otherwise no
+    process would exchange gradients. A subclass whose ``configure_model`` skipped the base class's gets this error."""
+    if getattr(module, "device_mesh", None) is not None and not is_sharded(backbone):
+        raise ShardingError(
+            f"{type(module).__name__}.configure_model did not shard the backbone under ModelParallelStrategy, so the "
+            "processes would train apart. Call super().configure_model() in your override (or shard it with "
+            "lora_lightning.sharding.shard_backbone), or train with strategy 'ddp'."
+        )
+
+
 def shard_backbone(backbone: nn.Module, mesh) -> None:
     """``fully_shard`` every transformer block of ``backbone`` over the data-parallel part of ``mesh``, then the
     backbone itself as the root unit."""
@@ -88,3 +102,22 @@ def full_tensor(tensor: Tensor) -> Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def gathered_units(units: dict[str, RankUnit]) -> dict[str, RankUnit]:
+    """``units`` with sharded (DTensor) ``P``, ``Λ``, ``Q`` replaced by whole detached copies that carry their whole
+    gradient in ``.grad``, so importance and masks are computed from full tensors, identically on every process (a
+    collective: every process calls it). Unsharded units are returned as they are; ``mask`` and ``stored_lam`` are
+    always the module's own (pruning writes into them)."""
+    return {name: replace(unit, P=_whole_with_grad(unit.P), lam=_whole_with_grad(unit.lam), Q=_whole_with_grad(unit.Q))
+            for name, unit in units.items()}
+
+
+def _whole_with_grad(tensor: Tensor) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    whole = tensor.detach().full_tensor()
+    whole.grad = None if tensor.grad is None else tensor.grad.full_tensor()
+    return whole

@@ -103,6 +103,16 @@ def top_b_masks(scores: dict[str, Tensor], budget: int) -> dict[str, Tensor]:
     return dict(zip(scores, unflatten(keep.float(), list(scores.values()))))
 
 
+def placed_like(mask: Tensor, tensor: Tensor) -> Tensor:
+    """``mask`` (the same on every process) laid out as ``tensor``: this process's part where ``tensor`` is sharded
+    (an FSDP2 DTensor, no communication), else ``mask`` itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(tensor, DTensor):
+        return mask
+    return distribute_tensor(mask, tensor.device_mesh, tensor.placements, src_data_rank=None)
+
+
 @torch.no_grad()
 def truncate(units: Mapping[str, RankUnit], keep: Mapping[str, Tensor],
              optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
@@ -117,7 +127,7 @@ def truncate(units: Mapping[str, RankUnit], keep: Mapping[str, Tensor],
         stored = unit.stored_lam
         if stored is None:
             continue
-        pruned = keep[name].reshape(stored.shape).to(stored.device) == 0
+        pruned = placed_like(keep[name].reshape(stored.shape).to(stored.device) == 0, stored)
         stored.masked_fill_(pruned, 0.0)
         for state in states:
             for value in state.get(stored, {}).values():

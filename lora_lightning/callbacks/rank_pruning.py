@@ -39,6 +39,7 @@ from lora_lightning.allocation.flat import flatten, unflatten
 from lora_lightning.allocation.importance import ImportanceTracker, RankUnit
 from lora_lightning.callbacks.rank_report import log_rank_heatmap, rank_summary, report_folder, write_rank_pattern
 from lora_lightning.settings import AdaLoRASettings, RankSchedule
+from lora_lightning.sharding import gathered_units
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +187,9 @@ class RankPruningScheduler(Callback):
         if self.finalised:
             return False
         units = self.units(pl_module)
+        measured = gathered_units(units)  # sharded (FSDP2) factors and grads whole: the same scores on every process
         if schedule.updates_importance(step):
-            if not self.importance.update(units):
+            if not self.importance.update(measured):
                 self.skipped_steps += 1
                 log.warning("Step %d: non-finite or missing gradients, left out of the importance averages.", step)
         if step >= schedule.final_step:
@@ -197,7 +199,7 @@ class RankPruningScheduler(Callback):
             budget = schedule.budget(step)
         else:
             return False
-        masks = top_b_masks(self.importance.triplet_scores(units), budget)
+        masks = top_b_masks(self.importance.triplet_scores(measured), budget)
         masks = self._broadcast(masks, trainer)
         with torch.no_grad():
             # pruned now or before this event: Λ restarts from 0 (truncation), whatever happened in between

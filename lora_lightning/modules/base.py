@@ -30,7 +30,7 @@ from lora_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from lora_lightning.callbacks.nonfinite import NonFiniteGuard
 from lora_lightning.modules.tasks import Task
 from lora_lightning.modules.tasks import build_task as make_task
-from lora_lightning.sharding import is_sharded, keep_only_in_state_dict, shard_backbone
+from lora_lightning.sharding import ShardingError, check_sharded, is_sharded, keep_only_in_state_dict, shard_backbone
 
 CHECKPOINT_KEY = "lora_lightning"
 FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
@@ -74,6 +74,8 @@ class AdapterModule(L.LightningModule):
         attn_implementation (str | None): ``sdpa``, ``eager`` or ``flash_attention_2`` (``None``: transformers'
             default).
     """
+
+    shardable: bool = True  # configure_model may shard it under ModelParallelStrategy (docs/large_models.md)
 
     def __init__(
         self,
@@ -242,12 +244,18 @@ class AdapterModule(L.LightningModule):
         the base. Other strategies: nothing to do. Idempotent (Lightning calls it for every stage)."""
         if self.device_mesh is None or is_sharded(self.backbone):
             return
+        if not self.shardable:
+            raise ShardingError(
+                f"{type(self).__name__} cannot be sharded yet (its adapters are read outside the sharded blocks); "
+                "train it with strategy 'ddp' instead of ModelParallelStrategy."
+            )
         shard_backbone(self.backbone, self.device_mesh)
         keep_only_in_state_dict(self, self.adapter_state_keys)
         self.strict_loading = False
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):
+        check_sharded(self, self.backbone)
         groups = self.param_groups()
         if self.optimizer_factory is not None:
             optimizer = self.optimizer_factory(groups)

@@ -41,6 +41,7 @@ class _HypernetMixin(AdapterModule):
 
     hypernet: AdapterHypernet | None
     hypernet_settings: HypernetSettings
+    shardable = False  # the hypernet reads every adapter's base factors outside the FSDP2-sharded blocks
 
     def __init__(self, *args: Any, mode: str = "residual", hypernet_hidden: int = 64, hypernet_heads: int = 4,
                  hypernet_lr: float | None = None, hypernet_warmup: int | float = 0.1, **kwargs: Any) -> None:

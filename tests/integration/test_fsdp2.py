@@ -8,7 +8,10 @@ import torch
 import yaml
 
 from lora_lightning.export import export_checkpoint, read_peft_export
+from lora_lightning.modules import HyperAdaLoRAModule, LoRAModule
+from lora_lightning.sharding import ShardingError, transformer_blocks
 from tests.cluster.launcher import assert_same, finish, launch, write_config
+from tests.helpers import batch_loader, quiet_trainer
 
 pytestmark = pytest.mark.integration
 
@@ -19,14 +22,14 @@ DDP = ["--trainer.strategy", "ddp"]
 TARGETS = {"tiny_bert": ["query", "value"], "tiny_llama": ["q_proj", "v_proj"]}
 
 
-def config(folder, backbone: str, targets: list[str], stop_at: int | None = None):
-    """A 6-step LoRA fit with a checkpoint every 4 steps, dumping the final adapter per rank; with ``stop_at``, the
+def config(folder, backbone: str, targets: list[str], stop_at: int | None = None, method: str = "LoRAModule"):
+    """A 6-step fit of ``method`` with a checkpoint every 4 steps, dumping the final adapter per rank; with ``stop_at``, the
     first launch stops after that step (the next one resumes)."""
     callbacks = [{"class_path": "cluster_callbacks.DumpState", "init_args": {"path": str(folder / "final{rank}.pt")}}]
     if stop_at is not None:
         callbacks.append({"class_path": "cluster_callbacks.StopAtStep",
                           "init_args": {"step": stop_at, "marker": str(folder / "stopped{rank}")}})
-    path = write_config(folder, backbone, max_steps=6, checkpoint_every=4, callbacks=callbacks)
+    path = write_config(folder, backbone, method, max_steps=6, checkpoint_every=4, callbacks=callbacks)
     content = yaml.safe_load(path.read_text())
     content["model"]["init_args"]["target_modules"] = targets
     path.write_text(yaml.safe_dump(content))
@@ -75,3 +78,70 @@ def test_lora_sharded_equals_ddp_saves_adapters_only_resumes_and_exports(backbon
                 for run in ("fsdp", "ddp")]
     assert exported[0][0] == exported[1][0]
     assert_same(exported[0][1], exported[1][1], "export")
+
+
+@pytest.mark.parametrize("method", ["AdaLoRAModule", "SensitivityLoRAModule"])
+def test_rank_machinery_sharded_equals_ddp(method, tiny_bert, tmp_path):
+    """AdaLoRA: importance EMAs and masks from whole (gathered) P, Λ, Q and gradients, the same on both ranks and
+    equal to DDP's, pruned triplets truncated in the sharded Λ. Sensitivity-LoRA: calibration runs in setup, before
+    configure_model shards, so its statistics (per-module scores) and ranks equal DDP's."""
+    for run, strategy in (("ddp", DDP), ("fsdp", FSDP2)):
+        fit(config(tmp_path / run, tiny_bert, TARGETS["tiny_bert"], method=method), strategy)
+    reference = load(tmp_path / "ddp/final0.pt")
+    for rank in (0, 1):
+        sharded = load(tmp_path / f"fsdp/final{rank}.pt")
+        assert_same(sharded["adapter"], reference["adapter"], "adapter")
+        assert_same(sharded.get("masks"), reference.get("masks"), "masks")
+        assert_same(sharded["allocation"], reference["allocation"], "allocation")
+        assert_same(sharded["callbacks"].get("RankPruningScheduler"), reference["callbacks"].get("RankPruningScheduler"))
+    if method == "AdaLoRAModule":
+        assert 0 < sum(int((m == 0).sum()) for m in reference["masks"].values())  # triplets were pruned
+    else:
+        scores = [load(tmp_path / f"{run}/checkpoints/last.ckpt")["sensitivity_lora"]["report"]["scores"]
+                  for run in ("fsdp", "ddp")]
+        assert scores[0] == scores[1] and len({score["theta"] for score in scores[0].values()}) > 1, scores
+
+
+# ----------------------------------------------------------------- refused before training (one process, in-process)
+@pytest.fixture
+def one_process_sharded_trainer(tmp_path):
+    """A 1-process ModelParallelStrategy Trainer (gloo); its process group is destroyed afterwards."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    yield lambda: quiet_trainer(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+                                max_steps=1, default_root_dir=tmp_path)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class SkipsSharding(LoRAModule):
+    def configure_model(self) -> None:  # forgets super().configure_model()
+        pass
+
+
+@pytest.mark.parametrize("make", [
+    lambda bert: SkipsSharding(backbone=bert, rank=2, target_modules=["query"]),
+    lambda bert: HyperAdaLoRAModule(backbone=bert, init_r=4, target_r=2, tinit=0, tfinal=0, target_modules=["query"]),
+], ids=["override-skips-sharding", "hyperadalora"])
+def test_a_module_not_built_for_sharding_is_refused_before_training(make, tiny_bert, one_process_sharded_trainer):
+    module = make(tiny_bert)
+    with pytest.raises(ShardingError, match="ddp"):
+        one_process_sharded_trainer().fit(module, batch_loader(2))
+    assert all(p.grad is None for p in module.parameters())
+
+
+def test_blocks_are_found_by_no_split_modules_or_the_layer_list_else_a_clear_error(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    llama = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    assert [type(b).__name__ for b in transformer_blocks(llama)] == ["LlamaDecoderLayer"] * 2
+    llama._no_split_modules = None
+    assert transformer_blocks(llama) == list(llama.model.layers)
+    with pytest.raises(ShardingError, match="Cannot find the transformer blocks of MLP"):
+        transformer_blocks(MLP())
+
+
+class MLP(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(4, 8), torch.nn.Linear(8, 4)
