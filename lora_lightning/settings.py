@@ -16,6 +16,8 @@ from typing import Any, Self
 
 from lora_lightning.adapters.base import check_alpha
 from lora_lightning.adapters.hyper import MODES as HYPERNET_MODES
+from lora_lightning.adapters.hyper import SCALINGS as HYPERNET_SCALINGS
+from lora_lightning.adapters.hyper import TOKENS as HYPERNET_TOKENS
 from lora_lightning.allocation.budget import check_phases, resolve_steps
 from lora_lightning.allocation.importance import check_betas
 from lora_lightning.allocation.sensitivity import check_budget_bounds, check_estimator_name
@@ -177,17 +179,26 @@ class SensitivityLoRASettings:
 class HypernetSettings:
     """The attention hypernetwork of HyperAdaLoRA/HyperLoRA: ``mode`` (``residual``, ``recurrent``, ``seeded``),
     encoder width ``hidden`` and ``heads``, the ``hypernet`` param group's ``lr`` (``None``: a ratio of the
-    module's learning rate) and its ``warmup`` (int steps or float run fraction)."""
+    module's learning rate) and its ``warmup`` (int steps or float run fraction); ``tokens`` (``factor``: a rank
+    token is one factor's column/row; ``triplet``: the whole triplet, projected without bias) and ``scaling``
+    (``none``, ``gains``: learnable per-matrix output gains, ``grad_rms``: each matrix's gradient into the generator
+    normalised to unit RMS)."""
 
     mode: str = "residual"
     hidden: int = 64
     heads: int = 4
     lr: float | None = None
     warmup: int | float = 0.1
+    tokens: str = "factor"
+    scaling: str = "none"
 
     def __post_init__(self) -> None:
         if self.mode not in HYPERNET_MODES:
             raise ValueError(f"Unknown hypernet mode '{self.mode}'; choose one of {list(HYPERNET_MODES)}.")
+        if self.tokens not in HYPERNET_TOKENS:
+            raise ValueError(f"Unknown hypernet_tokens '{self.tokens}'; choose one of {list(HYPERNET_TOKENS)}.")
+        if self.scaling not in HYPERNET_SCALINGS:
+            raise ValueError(f"Unknown hypernet_scaling '{self.scaling}'; choose one of {list(HYPERNET_SCALINGS)}.")
         if self.hidden < 1 or self.heads < 1 or self.hidden % self.heads:
             raise ValueError(f"hypernet_hidden ({self.hidden}) must be a positive multiple of hypernet_heads "
                              f"({self.heads}).")

@@ -31,6 +31,8 @@ from lora_lightning.adapters.names import module_position
 from lora_lightning.adapters.svd import SVDLinear
 
 MODES = ("residual", "recurrent", "seeded")
+TOKENS = ("factor", "triplet")
+SCALINGS = ("none", "gains", "grad_rms")
 
 
 class FactorGenerator(nn.Module):
@@ -66,11 +68,64 @@ class FactorGenerator(nn.Module):
                                                 batch_first=True, norm_first=True)
         self.norm = nn.LayerNorm(hidden)
 
+    def encode(self, tokens: Tensor, layer_ids: Tensor, type_ids: Tensor) -> Tensor:
+        """The encoder input ``(n, r, hidden)``: projected tokens plus rank, layer and type embeddings."""
+        x = self.in_proj[str(tokens.shape[-1])](tokens) + self.rank_embedding[:tokens.shape[1]]
+        return x + (self.layer_embedding(layer_ids) + self.type_embedding(type_ids)).unsqueeze(1)
+
+    def features(self, x: Tensor) -> Tensor:
+        """What the output projection reads: the encoder layer's output, normalised."""
+        return self.norm(self.block(x))
+
     def forward(self, tokens: Tensor, layer_ids: Tensor, type_ids: Tensor) -> Tensor:
-        n, r, d = tokens.shape
-        x = self.in_proj[str(d)](tokens) + self.rank_embedding[:r]
-        x = x + (self.layer_embedding(layer_ids) + self.type_embedding(type_ids)).unsqueeze(1)
-        return self.out_proj[str(d)](self.norm(self.block(x)))
+        return self.out_proj[str(tokens.shape[-1])](self.features(self.encode(tokens, layer_ids, type_ids)))
+
+
+class TripletGenerator(FactorGenerator):
+    """A generator whose rank token i holds the whole triplet of a matrix: P̄'s column i, λ̄ᵢ and Q̄'s row i (A's row
+    and B's column for LoRA), concatenated and projected *without a bias* (a shared bias makes the tokens of a
+    matrix equal while Λ̄ = 0). It is called with the tuple of every factor's tokens ``((n, r, d_k), ...)`` and
+    returns the increment of factor ``output`` (its index in that tuple).
+
+    Args:
+        layouts: the token sizes ``(d_1, ..., d_k)`` of the matrices it will see (one input projection each).
+        output: which factor of the tuple it generates.
+        (the rest: :class:`FactorGenerator`)
+    """
+
+    def __init__(self, layouts: Iterable[tuple[int, ...]], output: int, max_rank: int, num_layers: int,
+                 num_types: int, hidden: int = 64, heads: int = 4, ff_mult: int = 2) -> None:
+        layouts = sorted(set(layouts))
+        super().__init__({dims[output] for dims in layouts}, max_rank, num_layers, num_types, hidden, heads, ff_mult)
+        self.output = output
+        self.in_proj = nn.ModuleDict({self.layout_key(d): nn.Linear(sum(d), hidden, bias=False) for d in layouts})
+
+    @staticmethod
+    def layout_key(dims: tuple[int, ...]) -> str:
+        return "x".join(map(str, dims))
+
+    def encode(self, tokens: tuple[Tensor, ...], layer_ids: Tensor, type_ids: Tensor) -> Tensor:
+        key = self.layout_key(tuple(t.shape[-1] for t in tokens))
+        x = self.in_proj[key](torch.cat(tokens, dim=-1)) + self.rank_embedding[:tokens[0].shape[1]]
+        return x + (self.layer_embedding(layer_ids) + self.type_embedding(type_ids)).unsqueeze(1)
+
+    def forward(self, tokens: tuple[Tensor, ...], layer_ids: Tensor, type_ids: Tensor) -> Tensor:
+        out = self.out_proj[str(tokens[self.output].shape[-1])]
+        return out(self.features(self.encode(tokens, layer_ids, type_ids)))
+
+
+class _NormalizeGradPerMatrix(torch.autograd.Function):
+    """Identity forward; backward divides each matrix's gradient ``(r, d)`` by its RMS, so every matrix reaches
+    the shared generator with the same gradient scale."""
+
+    @staticmethod
+    def forward(ctx, delta: Tensor) -> Tensor:
+        return delta.view_as(delta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        rms = grad.pow(2).mean(dim=tuple(range(1, grad.dim())), keepdim=True).sqrt()
+        return grad / rms.clamp_min(torch.finfo(grad.dtype).tiny)
 
 
 # ---------------------------------------------------------------------------------------------- adapter layers
@@ -156,10 +211,14 @@ class AdapterHypernet(nn.Module):
     """
 
     def __init__(self, layers: dict[str, HyperMixin], mode: str = "residual", hidden: int = 64, heads: int = 4,
-                 ff_mult: int = 2) -> None:
+                 ff_mult: int = 2, tokens: str = "factor", scaling: str = "none") -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"Unknown hypernet mode '{mode}'; choose one of {list(MODES)}.")
+        if tokens not in TOKENS:
+            raise ValueError(f"Unknown hypernet tokens '{tokens}'; choose one of {list(TOKENS)}.")
+        if scaling not in SCALINGS:
+            raise ValueError(f"Unknown hypernet scaling '{scaling}'; choose one of {list(SCALINGS)}.")
         layers = {name: layer for name, layer in layers.items() if isinstance(layer, HyperMixin)}
         if not layers:
             raise ValueError("AdapterHypernet needs at least one HyperSVDLinear or HyperLoRALinear layer.")
@@ -175,13 +234,20 @@ class AdapterHypernet(nn.Module):
         layer_vocab, type_vocab = sorted(set(layers_of)), sorted({p.kind for p in positions})
         self.register_buffer("layer_ids", torch.tensor([layer_vocab.index(i) for i in layers_of]), persistent=False)
         self.register_buffer("type_ids", torch.tensor([type_vocab.index(p.kind) for p in positions]), persistent=False)
+        self.tokens, self.scaling = tokens, scaling
         self.generators = nn.ModuleDict()
-        for fname in self.factor_names:
-            shapes = [layer.to_tokens(fname, getattr(layer, fname)).shape for layer in self._layers]
-            self.generators[fname] = FactorGenerator(
-                {s[1] for s in shapes}, max(s[0] for s in shapes), len(layer_vocab), len(type_vocab),
-                hidden, heads, ff_mult,
-            )
+        sizes = [tuple(layer.to_tokens(f, getattr(layer, f)).shape for f in self.factor_names) for layer in self._layers]
+        max_rank, vocab = max(s[0][0] for s in sizes), (len(layer_vocab), len(type_vocab))
+        for k, fname in enumerate(self.factor_names):
+            if tokens == "triplet":
+                layouts = {tuple(shape[1] for shape in s) for s in sizes}
+                self.generators[fname] = TripletGenerator(layouts, k, max_rank, *vocab, hidden, heads, ff_mult)
+            else:
+                self.generators[fname] = FactorGenerator({s[k][1] for s in sizes}, max_rank, *vocab, hidden, heads,
+                                                         ff_mult)
+        # gains: one learnable output gain per matrix and factor kind (1 at the start)
+        self.gains = nn.ParameterDict({f: nn.Parameter(torch.ones(len(self._layers))) for f in self.factor_names}
+                                      if scaling == "gains" else {})
         if mode != "residual":
             for layer in self._layers:
                 for fname in self.factor_names:
@@ -208,23 +274,50 @@ class AdapterHypernet(nn.Module):
         tensors = list(self.parameters()) + [t for d in self.base_factors() for t in d.values()]
         return tuple((id(t), t._version) for t in tensors)
 
+    def _groups(self, fname: str) -> Iterable[tuple[list[int], Tensor, Tensor | tuple[Tensor, ...]]]:
+        """Per group of matrices with equal token shapes: their indices, their ``fname`` tokens (the base factor)
+        and the generator's input (those tokens, or the tuple of every factor's tokens in ``triplet`` mode), in the
+        generator's dtype."""
+        tokens = [{f: layer.to_tokens(f, t) for f, t in base.items()}
+                  for layer, base in zip(self._layers, self.base_factors())]
+        names = self.factor_names if self.tokens == "triplet" else (fname,)
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tokens):
+            groups.setdefault(tuple(t[f].shape for f in names), []).append(i)
+        first = next(self.generators[fname].parameters(), None)
+        for members in groups.values():
+            stacked = {f: torch.stack([tokens[i][f] for i in members]) for f in names}
+            dtype = stacked[fname].dtype if first is None else first.dtype
+            inputs = tuple(stacked[f].to(dtype) for f in names)
+            yield members, stacked[fname], inputs if self.tokens == "triplet" else inputs[0]
+
     def _generate(self) -> list[dict[str, Tensor]]:
-        base = self.base_factors()
         out: list[dict[str, Tensor]] = [{} for _ in self._layers]
         for fname, generator in self.generators.items():
-            groups: dict[tuple, list[int]] = {}
-            tokens = [layer.to_tokens(fname, base[i][fname]) for i, layer in enumerate(self._layers)]
-            for i, t in enumerate(tokens):
-                groups.setdefault(tuple(t.shape), []).append(i)
-            for members in groups.values():
-                stacked = torch.stack([tokens[i] for i in members])
+            for members, own, inputs in self._groups(fname):
                 ids = torch.tensor(members, device=self.layer_ids.device)
-                dtype = next(generator.parameters(), stacked).dtype
-                delta = generator(stacked.to(dtype), self.layer_ids[ids], self.type_ids[ids])
-                result = stacked + delta.to(stacked.dtype)
+                delta = generator(inputs, self.layer_ids[ids], self.type_ids[ids])
+                if self.scaling == "gains":
+                    delta = delta * self.gains[fname][ids].view(-1, *[1] * (delta.dim() - 1))
+                elif self.scaling == "grad_rms":
+                    delta = _NormalizeGradPerMatrix.apply(delta)
+                result = own + delta.to(own.dtype)
                 for j, i in enumerate(members):
                     out[i][fname] = self._layers[i].from_tokens(fname, result[j])
         return out
+
+    @torch.no_grad()
+    def encoder_inputs(self) -> dict[str, list[tuple[list[int], Tensor, Tensor]]]:
+        """Per factor kind, per group of matrices: their indices, the generator's encoder input ``(n, r, hidden)``
+        and the features its output projection reads (diagnostics; :class:`FactorGenerator` generators only)."""
+        result = {}
+        for fname, generator in self.generators.items():
+            result[fname] = []
+            for members, _, inputs in self._groups(fname):
+                ids = torch.tensor(members, device=self.layer_ids.device)
+                x = generator.encode(inputs, self.layer_ids[ids], self.type_ids[ids])
+                result[fname].append((members, x, generator.features(x)))
+        return result
 
     def _accumulate(self, cache: dict, index: int, fname: str):
         def hook(grad: Tensor) -> None:
@@ -311,7 +404,8 @@ class AdapterHypernet(nn.Module):
                 "generated_grads": [{} for _ in self._layers]}
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, matrices={len(self._layers)}, factors={list(self.factor_names)}"
+        return (f"mode={self.mode}, tokens={self.tokens}, scaling={self.scaling}, matrices={len(self._layers)}, "
+                f"factors={list(self.factor_names)}")
 
 
 def materialized_layer(layer: HyperMixin, factors: dict[str, Tensor]) -> AdapterLayer:

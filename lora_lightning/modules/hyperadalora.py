@@ -44,7 +44,8 @@ class _HypernetMixin(AdapterModule):
     shardable = False  # the hypernet reads every adapter's base factors outside the FSDP2-sharded blocks
 
     def __init__(self, *args: Any, mode: str = "residual", hypernet_hidden: int = 64, hypernet_heads: int = 4,
-                 hypernet_lr: float | None = None, hypernet_warmup: int | float = 0.1, **kwargs: Any) -> None:
+                 hypernet_lr: float | None = None, hypernet_warmup: int | float = 0.1, hypernet_tokens: str = "factor",
+                 hypernet_scaling: str = "none", **kwargs: Any) -> None:
         """The hypernetwork's arguments; the rest go to the method it drives (AdaLoRA or LoRA).
 
         Args:
@@ -58,14 +59,22 @@ class _HypernetMixin(AdapterModule):
                 convergence benchmark).
             hypernet_warmup (int | float): steps (int) or run fraction (float) over which that LR ramps up
                 (HypernetWarmup).
+            hypernet_tokens (str): ``factor`` (rank token i of a generator is its own factor's column/row i) or
+                ``triplet`` (token i holds P̄'s column i, λ̄ᵢ and Q̄'s row i, projected without bias, so the Λ
+                tokens differ while Λ̄ = 0; issue 13).
+            hypernet_scaling (str): ``none``, ``gains`` (a learnable output gain per matrix and factor kind, 1 at
+                the start) or ``grad_rms`` (each matrix's gradient into the shared generator divided by its RMS, so
+                one matrix cannot set the step of all; importance still sees the true gradients).
 
         The validated values are ``self.hypernet_settings`` (:class:`~lora_lightning.settings.HypernetSettings`).
         """
         settings = HypernetSettings(mode=mode, hidden=hypernet_hidden, heads=hypernet_heads, lr=hypernet_lr,
-                                    warmup=hypernet_warmup)  # checked before the backbone loads
+                                    warmup=hypernet_warmup, tokens=hypernet_tokens,
+                                    scaling=hypernet_scaling)  # checked before the backbone loads
         super().__init__(*args, **kwargs)
         self.hypernet_settings = settings
-        self.hypernet = AdapterHypernet(self.adapters, mode=mode, hidden=hypernet_hidden, heads=hypernet_heads)
+        self.hypernet = AdapterHypernet(self.adapters, mode=mode, hidden=hypernet_hidden, heads=hypernet_heads,
+                                        tokens=hypernet_tokens, scaling=hypernet_scaling)
 
     def forward(self, batch: dict[str, Tensor]):
         if self.hypernet is not None and torch.is_grad_enabled():

@@ -12,6 +12,8 @@ from lora_lightning.adapters.hyper import (
     AdapterHypernet,
     HyperLoRALinear,
     HyperSVDLinear,
+    TripletGenerator,
+    _NormalizeGradPerMatrix,
 )
 from lora_lightning.adapters.lora import LoRALinear
 from lora_lightning.adapters.svd import SVDLinear
@@ -40,7 +42,7 @@ class Toy(nn.Module):
         return x
 
 
-def build(kind: str = "svd", mode: str = "residual", seed: int = 0, rank: int = 4):
+def build(kind: str = "svd", mode: str = "residual", seed: int = 0, rank: int = 4, **options):
     torch.manual_seed(seed)
     model = Toy().requires_grad_(False)
     cls = {"svd": HyperSVDLinear, "lora": HyperLoRALinear}[kind]
@@ -51,7 +53,7 @@ def build(kind: str = "svd", mode: str = "residual", seed: int = 0, rank: int = 
         else:
             layer.lora_B.data.normal_(std=0.1)
     plain_copy = copy.deepcopy(model)
-    hyper = AdapterHypernet(adapter_layers(model), mode=mode, hidden=16, heads=2)
+    hyper = AdapterHypernet(adapter_layers(model), mode=mode, hidden=16, heads=2, **options)
     return model, hyper, plain_copy
 
 
@@ -281,3 +283,85 @@ def test_bad_mode_and_no_layers():
     model, _, _ = build("svd", "residual")
     with pytest.raises(ValueError, match="Unknown hypernet mode"):
         AdapterHypernet(adapter_layers(Toy()), mode="other")
+
+
+# ---------------------------------------------------------------------------------------------- issue 13 options
+OPTIONS = [dict(tokens="triplet"), dict(scaling="gains"), dict(scaling="grad_rms"),
+           dict(tokens="triplet", scaling="grad_rms")]
+
+
+@pytest.mark.parametrize("kind", ["svd", "lora"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(o.values()))
+def test_options_keep_step_zero_equal_to_plain_adapter(kind, options):
+    model, hyper, before = build(kind, **options)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(model(x), plain_equivalent(before, kind)(x), rtol=1e-6, atol=1e-6)
+    opt = train_steps(model, hyper, steps=2)  # and they train: the generated factors leave the base ones
+    assert opt is not None and any(not torch.equal(layer.generated()["lora_P" if kind == "svd" else "lora_A"],
+                                                   layer.lora_P if kind == "svd" else layer.lora_A)
+                                   for layer in adapter_layers(model).values())
+
+
+def test_triplet_token_is_the_unbiased_projection_of_the_whole_triplet():
+    model, hyper, _ = build("svd", tokens="triplet")
+    generator = hyper.generators["lora_lambda"]
+    assert isinstance(generator, TripletGenerator)
+    assert sorted(generator.in_proj) == ["16x1x8", "8x1x16", "8x1x8"]  # (d_out, 1, d_in) of query, up, down
+    with torch.no_grad():
+        for emb in (generator.rank_embedding, generator.layer_embedding.weight, generator.type_embedding.weight):
+            emb.zero_()
+    layers = adapter_layers(model)
+    for layer in layers.values():
+        layer.lora_lambda.data.zero_()  # AdaLoRA's init: the factor-token Λ generator sees r equal tokens here
+    groups = hyper.encoder_inputs()["lora_lambda"]
+    up = layers["layer.0.up"]
+    members, x, _ = next(g for g in groups if 1 in g[0])
+    weight = generator.in_proj["16x1x8"].weight
+    for i in range(4):
+        token = torch.cat([up.lora_P[:, i], up.lora_lambda[i:i + 1], up.lora_Q[i]])
+        torch.testing.assert_close(x[members.index(1), i], weight @ token)
+    assert not torch.allclose(x[members.index(1), 0], x[members.index(1), 1])
+
+
+def test_gains_are_one_learnable_scalar_per_matrix_and_factor():
+    model, hyper, _ = build("svd", scaling="gains")
+    assert {k: tuple(v.shape) for k, v in hyper.gains.items()} == {f: (6,) for f in ("lora_P", "lora_lambda", "lora_Q")}
+    assert all(torch.equal(g, torch.ones(6)) for g in hyper.gains.values())
+    train_steps(model, hyper, steps=3)
+    assert not torch.equal(hyper.gains["lora_P"], torch.ones(6))
+    with torch.no_grad():  # a zero gain switches that matrix's generated increment off
+        hyper.gains["lora_P"][2] = 0.0
+    layer = adapter_layers(model)["layer.0.down"]
+    torch.testing.assert_close(layer.generated()["lora_P"], layer.lora_P, rtol=0, atol=0)
+
+
+def test_grad_rms_divides_each_matrix_gradient_by_its_rms():
+    x = torch.zeros(2, 2, 2, requires_grad=True)
+    grad = torch.tensor([[[3.0, 4.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, -1.0]]])
+    _NormalizeGradPerMatrix.apply(x).backward(grad)
+    # matrix 0: RMS = sqrt(25 / 4) = 2.5; matrix 1: RMS = 1
+    torch.testing.assert_close(x.grad, torch.tensor([[[1.2, 1.6], [0.0, 0.0]], [[1.0, 1.0], [1.0, -1.0]]]))
+
+
+def test_grad_rms_generator_step_ignores_loss_scale_importance_does_not():
+    """Generator gradients are per-matrix normalised (a loss × 10 leaves them unchanged), while the generated
+    tensors (importance) get the true gradient."""
+    grads = {}
+    for scale in (1.0, 10.0):
+        model, hyper, _ = build("svd", scaling="grad_rms")
+        train_steps(model, hyper, steps=1)  # non-zero output projections
+        for p in list(model.parameters()) + list(hyper.parameters()):
+            p.grad = None
+        (scale * model(torch.randn(5, 8, generator=torch.Generator().manual_seed(3))).pow(2).mean()).backward()
+        grads[scale] = ([p.grad.clone() for p in hyper.generators.parameters() if p.grad is not None],
+                        hyper.generated_grads[1]["lora_P"].clone())
+    for g1, g10 in zip(grads[1.0][0], grads[10.0][0]):
+        torch.testing.assert_close(g10, g1, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads[10.0][1], 10 * grads[1.0][1], rtol=1e-4, atol=1e-7)
+
+
+def test_bad_tokens_and_scaling():
+    with pytest.raises(ValueError, match="Unknown hypernet tokens 'pairs'"):
+        build(tokens="pairs")
+    with pytest.raises(ValueError, match="Unknown hypernet scaling 'rms'"):
+        build(scaling="rms")

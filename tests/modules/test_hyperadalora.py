@@ -50,15 +50,19 @@ def batch_inputs(seed=0):
     return {k: v for k, v in random_batch(seed=seed).items() if k != "labels"}
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_init_equals_adalora_with_the_same_base_factors(tiny_bert, mode):
+@pytest.mark.parametrize("mode, options", [(m, {}) for m in MODES] + [
+    ("residual", dict(hypernet_tokens="triplet")), ("residual", dict(hypernet_scaling="gains")),
+    ("residual", dict(hypernet_tokens="triplet", hypernet_scaling="grad_rms"))])
+def test_init_equals_adalora_with_the_same_base_factors(tiny_bert, mode, options):
     torch.manual_seed(0)
     ada = AdaLoRAModule(backbone=tiny_bert, **SCHEDULE).eval()
     with torch.no_grad():  # non-zero Λ and a partial mask, or the equality would be trivial
         for i, layer in enumerate(ada.adapters.values()):
             layer.lora_lambda.normal_()
             layer.rank_mask.copy_(torch.tensor([1.0, 0.0, 1.0, 1.0]).roll(i))
-    module = hyper(tiny_bert, mode).eval()
+    module = hyper(tiny_bert, mode, **options).eval()
+    assert (module.hypernet.tokens, module.hypernet.scaling) == (options.get("hypernet_tokens", "factor"),
+                                                                 options.get("hypernet_scaling", "none"))
     with torch.no_grad():
         for name, layer in module.adapters.items():
             for key in ("lora_P", "lora_lambda", "lora_Q", "rank_mask"):
