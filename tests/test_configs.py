@@ -98,7 +98,14 @@ def test_config_runs_with_tiny_backbone(config, tiny_bert, tiny_llama, tiny_qwen
         args += glue_files(source.split("/", 1)[1], tmp_path)
     if source == "datasets":
         args += hub_chat_data_as_file(spec["data"]["init_args"])
-    cli_main(args)
+    sharded = "ModelParallelStrategy" in str(spec["trainer"].get("strategy"))
+    if sharded:  # one process here (2-process FSDP2 runs: tests/integration/test_fsdp2.py)
+        args += ["--trainer.devices", "1", "--trainer.strategy.init_args.data_parallel_size", "1"]
+    try:
+        cli_main(args)
+    finally:
+        if sharded and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert checkpoints, "the config's fit wrote no checkpoint"
     saved = torch.load(checkpoints[0], map_location="cpu", weights_only=False)["hyper_parameters"]
