@@ -74,7 +74,7 @@ def shard_backbone(backbone: nn.Module, mesh) -> None:
     from torch.distributed.fsdp import fully_shard
 
     dp_mesh = data_parallel_mesh(mesh)
-    for block in transformer_blocks(backbone):
+    for block in reversed(transformer_blocks(backbone)):  # a block nested in another one is sharded first
         fully_shard(block, mesh=dp_mesh)
     fully_shard(backbone, mesh=dp_mesh)
 
