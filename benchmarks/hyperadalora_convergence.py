@@ -1,13 +1,22 @@
-"""Convergence of HyperAdaLoRA against AdaLoRA, LoRA and HyperLoRA (issue 5's headline figure).
+"""Convergence of HyperAdaLoRA against AdaLoRA, LoRA and HyperLoRA (issues 5 and 13).
 
-MiniLM (packaged alias ``minilm``) on Rotten Tomatoes, every contender on the same pre-drawn training batches and the
-same validation subset, several seeds; validation every ``--val-every`` optimiser steps. Reported per contender
-(medians over seeds): optimiser steps and training wall-clock to reach a target validation accuracy (``--target-frac``
-× AdaLoRA's median final accuracy), final accuracy, median per-step time (validation excluded), and ratios against
-AdaLoRA. AdaLoRA and HyperAdaLoRA train at ``--lr``, LoRA and HyperLoRA at ``--lora-lr``, every generator at
-``--hypernet-lr-ratio`` × its contender's rate. Writes ``benchmarks/results/<name>.{json,md,png}``.
+Two tasks (``--task``): MiniLM (packaged alias ``minilm``) on Rotten Tomatoes (validation accuracy) and SmolLM2 on
+Hamlet (validation perplexity). Every contender runs on the same pre-drawn training batches and the same validation
+subset, several seeds; validation every ``--val-every`` optimiser steps. Reported per contender (medians over seeds):
+optimiser steps and training wall-clock to reach the target (accuracy ≥ ``--target-frac`` (0.95) × AdaLoRA's median
+final accuracy; perplexity ≤ ``--target-frac`` (1.05) × AdaLoRA's), the final metric, median per-step time
+(validation excluded), and ratios against AdaLoRA. AdaLoRA and its variants train at ``--lr``, LoRA and HyperLoRA at
+``--lora-lr``, every generator at ``--hypernet-lr-ratio`` × its contender's rate, unless ``--lrs-from`` gives each
+contender its own rate (the best of an ``--lr-grid`` run). Writes ``benchmarks/results/<name>.{json,md,png}``.
 
-    python benchmarks/hyperadalora_convergence.py                      # the committed setup (~1 h on 2 cores)
+The issue-13 protocol (per task; add ``--task smollm2-hamlet --batch-size 8 --max-length 128`` for Hamlet):
+
+    python benchmarks/hyperadalora_convergence.py --lr-grid 1e-3 2e-3 5e-3 1e-2 --seeds 0   # → <name>_lr_grid.json
+    python benchmarks/hyperadalora_convergence.py --lrs-from benchmarks/results/hyperadalora_convergence_lr_grid.json
+    python benchmarks/hyperadalora_convergence.py --lrs-from benchmarks/results/hyperadalora_convergence_lr_grid.json \
+        --steps 600 --seeds 0 --only AdaLoRA HyperAdaLoRA-triplet --name hyperadalora_convergence_600
+    python benchmarks/hyperadalora_convergence.py --diagnose        # step-0 generator diagnostics, a minute
+
     python benchmarks/hyperadalora_convergence.py --steps 20 --seeds 0 # a smoke run
     python benchmarks/hyperadalora_convergence.py --seeds 1 2 --only LoRA AdaLoRA --name part_a   # in parallel with
     python benchmarks/hyperadalora_convergence.py --seeds 1 2 --only HyperLoRA --name part_b      # another part, then
@@ -19,8 +28,10 @@ import argparse
 import functools
 import logging
 import os
+import math
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,39 +46,64 @@ from lightning.pytorch.callbacks import Callback  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from common import write_results  # noqa: E402
-from lora_lightning.data import TextClassificationDataModule  # noqa: E402
+from lora_lightning.adapters.hyper_diagnostics import generator_diagnostics  # noqa: E402
+from lora_lightning.callbacks.nonfinite import NonFiniteTrainingError  # noqa: E402
+from lora_lightning.data import CausalLMDataModule, TextClassificationDataModule  # noqa: E402
 from lora_lightning.modules import AdaLoRAModule, LoRAModule  # noqa: E402
 from lora_lightning.modules.hyperadalora import HyperAdaLoRAModule, HyperLoRAModule  # noqa: E402
 
-TARGETS = ["query", "key", "value", "dense"]
+TASKS = {  # backbone, task, adapted modules, validation metric, whether higher is better, default target fraction
+    "minilm-rt": dict(backbone="minilm", task="sequence-classification", targets=["query", "key", "value", "dense"],
+                      metric="val/accuracy", higher=True, target_frac=0.95),
+    "smollm2-hamlet": dict(backbone="smollm2", task="causal-lm", targets=["q_proj", "k_proj", "v_proj", "o_proj"],
+                           metric="val/perplexity", higher=False, target_frac=1.05),
+}
 
 
 def contenders(args) -> dict[str, tuple[type, dict]]:
+    """Name → (module class, constructor arguments); each contender at ``args.contender_lr[name]`` if given, else
+    at ``--lr`` (AdaLoRA family) or ``--lora-lr`` (LoRA family)."""
+    spec = TASKS[getattr(args, "task", "minilm-rt")]  # results written before --task ran MiniLM
     lora_lr = args.lora_lr or args.lr  # results written before --lora-lr existed have None
-    common = dict(backbone="minilm", target_modules=TARGETS, warmup_ratio=0.06)
-    ada = dict(common, learning_rate=args.lr, init_r=args.init_r, target_r=args.target_r, alpha=args.alpha,
-               orth_reg_weight=0.1, tinit=0.1, tfinal=0.2, delta_t=10)
-    lora = dict(common, learning_rate=lora_lr, rank=args.target_r, alpha=args.alpha)
+    common = dict(backbone=spec["backbone"], target_modules=spec["targets"], warmup_ratio=0.06)
+    if spec["task"] != "sequence-classification":
+        common["task"] = spec["task"]
 
-    def hyper(lr: float, mode: str) -> dict:
-        return dict(hypernet_lr=args.hypernet_lr_ratio * lr, hypernet_warmup=args.hypernet_warmup, mode=mode)
+    def ada(lr: float) -> dict:
+        return dict(common, learning_rate=lr, init_r=args.init_r, target_r=args.target_r, alpha=args.alpha,
+                    orth_reg_weight=0.1, tinit=0.1, tfinal=0.2, delta_t=10)
 
-    table = {
-        "LoRA": (LoRAModule, lora),
-        "AdaLoRA": (AdaLoRAModule, ada),
-        "HyperAdaLoRA-residual": (HyperAdaLoRAModule, dict(ada, **hyper(args.lr, "residual"))),
-        "HyperAdaLoRA-recurrent": (HyperAdaLoRAModule, dict(ada, **hyper(args.lr, "recurrent"))),
-        "HyperAdaLoRA-seeded": (HyperAdaLoRAModule, dict(ada, **hyper(args.lr, "seeded"))),
-        "HyperLoRA": (HyperLoRAModule, dict(lora, **hyper(lora_lr, "residual"))),
+    def lora(lr: float) -> dict:
+        return dict(common, learning_rate=lr, rank=args.target_r, alpha=args.alpha)
+
+    def hyper(base, mode: str = "residual", **options):
+        return lambda lr: dict(base(lr), hypernet_lr=args.hypernet_lr_ratio * lr,
+                               hypernet_warmup=args.hypernet_warmup, mode=mode, **options)
+
+    builders = {
+        "LoRA": (LoRAModule, lora, lora_lr),
+        "AdaLoRA": (AdaLoRAModule, ada, args.lr),
+        "HyperAdaLoRA-residual": (HyperAdaLoRAModule, hyper(ada), args.lr),
+        "HyperAdaLoRA-recurrent": (HyperAdaLoRAModule, hyper(ada, "recurrent"), args.lr),
+        "HyperAdaLoRA-seeded": (HyperAdaLoRAModule, hyper(ada, "seeded"), args.lr),
+        "HyperAdaLoRA-triplet": (HyperAdaLoRAModule, hyper(ada, hypernet_tokens="triplet"), args.lr),
+        "HyperAdaLoRA-gains": (HyperAdaLoRAModule, hyper(ada, hypernet_scaling="gains"), args.lr),
+        "HyperAdaLoRA-gradrms": (HyperAdaLoRAModule, hyper(ada, hypernet_scaling="grad_rms"), args.lr),
+        "HyperAdaLoRA-triplet-gradrms": (HyperAdaLoRAModule,
+                                         hyper(ada, hypernet_tokens="triplet", hypernet_scaling="grad_rms"), args.lr),
+        "HyperLoRA": (HyperLoRAModule, hyper(lora), lora_lr),
     }
-    return {k: v for k, v in table.items() if not args.only or k in args.only}
+    lrs = getattr(args, "contender_lr", None) or {}
+    return {name: (cls, build(lrs.get(name, default))) for name, (cls, build, default) in builders.items()
+            if not args.only or name in args.only}
 
 
 class Recorder(Callback):
     """Validation accuracy per step, training time per optimiser step (validation excluded)."""
 
-    def __init__(self) -> None:
-        self.curve: list[tuple[int, float, float]] = []  # (step, accuracy, training seconds so far)
+    def __init__(self, metric: str = "val/accuracy") -> None:
+        self.metric = metric
+        self.curve: list[tuple[int, float, float]] = []  # (step, metric, training seconds so far)
         self.step_times: list[float] = []
         self._last: float | None = None
 
@@ -89,21 +125,25 @@ class Recorder(Callback):
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking:
             return
-        acc = float(trainer.callback_metrics["val/accuracy"])
-        self.curve.append((trainer.global_step, acc, sum(self.step_times)))
+        value = float(trainer.callback_metrics[self.metric])
+        self.curve.append((trainer.global_step, value, sum(self.step_times)))
 
 
-def datamodule(max_length: int, batch_size: int, val_samples: int) -> TextClassificationDataModule:
-    """Rotten Tomatoes for MiniLM, set up: the same validation subset (data seed 42) for every run."""
-    dm = TextClassificationDataModule(backbone="minilm", source="rotten_tomatoes", max_length=max_length,
-                                      batch_size=batch_size, eval_batch_size=100, max_eval_samples=val_samples,
-                                      seed=42)
+def datamodule(max_length: int, batch_size: int, val_samples: int, task: str = "minilm-rt"):
+    """The task's data, set up: the same validation subset (data seed 42) for every run."""
+    if task == "smollm2-hamlet":
+        dm = CausalLMDataModule(backbone="smollm2", source="hamlet", block_size=max_length, batch_size=batch_size,
+                                eval_batch_size=batch_size, max_eval_samples=val_samples, seed=42)
+    else:
+        dm = TextClassificationDataModule(backbone="minilm", source="rotten_tomatoes", max_length=max_length,
+                                          batch_size=batch_size, eval_batch_size=100, max_eval_samples=val_samples,
+                                          seed=42)
     dm.setup("fit")
     return dm
 
 
 def draw_batches(args, seed: int):
-    dm = datamodule(args.max_length, args.batch_size, args.val_samples)
+    dm = datamodule(args.max_length, args.batch_size, args.val_samples, args.task)
     torch.manual_seed(1000 + seed)
     train, it = [], iter(dm.train_dataloader())
     while len(train) < args.steps:
@@ -115,16 +155,33 @@ def draw_batches(args, seed: int):
 
 
 def run_one(cls, kwargs, train, val, args, seed: int) -> dict:
+    """One fit; a run stopped by a non-finite loss keeps its curve and ends with a NaN point (``diverged``)."""
     L.seed_everything(seed, workers=True, verbose=False)
     model = cls(**kwargs)
-    recorder = Recorder()
-    trainer = L.Trainer(
-        max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-        val_check_interval=args.val_every, callbacks=[recorder], default_root_dir=args.workdir,
-    )
-    trainer.fit(model, DataLoader(train, batch_size=None), DataLoader(val, batch_size=None))
-    return {"curve": recorder.curve, "step_times": recorder.step_times[2:]}  # first steps: lazy init
+    recorder = Recorder(TASKS[args.task]["metric"])
+    with tempfile.TemporaryDirectory() as root:  # nothing is kept: no logger, no checkpoints
+        trainer = L.Trainer(
+            max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            val_check_interval=args.val_every, callbacks=[recorder], default_root_dir=root,
+        )
+        diverged = False
+        try:
+            trainer.fit(model, DataLoader(train, batch_size=None), DataLoader(val, batch_size=None))
+        except NonFiniteTrainingError:
+            diverged = True
+            recorder.curve.append((trainer.global_step, math.nan, sum(recorder.step_times)))
+    times = recorder.step_times[2:] or recorder.step_times or [math.nan]  # first steps: lazy init
+    return {"curve": recorder.curve, "step_times": times, "diverged": diverged}
+
+
+def final_value(result: dict) -> float:
+    return result["curve"][-1][1] if result["curve"] else math.nan
+
+
+def better(a: float, b: float, higher: bool) -> bool:
+    """Whether metric value ``a`` beats ``b`` (NaN never does)."""
+    return not math.isnan(a) and (math.isnan(b) or (a > b if higher else a < b))
 
 
 @functools.lru_cache
@@ -136,9 +193,9 @@ def majority(max_length: int, batch_size: int, val_samples: int) -> float:
     return float(torch.bincount(labels).max()) / len(labels)
 
 
-def first_reaching(curve, target: float):
-    for step, acc, seconds in curve:
-        if acc >= target:
+def first_reaching(curve, target: float, higher: bool = True):
+    for step, value, seconds in curve:
+        if (value >= target) if higher else (value <= target):
             return step, seconds
     return None, None
 
@@ -150,6 +207,9 @@ def med(values):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="minilm-rt",
+                        help="minilm-rt: MiniLM on Rotten Tomatoes (accuracy); smollm2-hamlet: SmolLM2 on Hamlet "
+                             "(perplexity; use --batch-size 8 --max-length 128)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--val-every", type=int, default=25)
     parser.add_argument("--val-samples", type=int, default=400)
@@ -164,9 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init-r", type=int, default=12)
     parser.add_argument("--target-r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--target-frac", type=float, default=0.95)
+    parser.add_argument("--target-frac", type=float, default=None,
+                        help="target = this × AdaLoRA's median final metric (default: 0.95 for accuracy, 1.05 for "
+                             "perplexity)")
     parser.add_argument("--target-acc", type=float, default=None,
-                        help="an absolute target accuracy instead of --target-frac × the reference's final accuracy")
+                        help="an absolute target metric instead of --target-frac × the reference's final metric")
     parser.add_argument("--only", nargs="*", default=None)
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON[:NAME,...]",
                         help="combine result JSONs of runs over disjoint seeds or contenders (run in parallel) into "
@@ -174,13 +236,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step-time", type=int, default=0, metavar="ROUNDS",
                         help="instead: time training steps of every contender round-robin (common.interleaved_times)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=None, metavar="LR",
+                        help="instead: every contender at each of these learning rates on the first seed; writes "
+                             "<name>_lr_grid.{json,md} with each contender's best (by final metric)")
+    parser.add_argument("--lrs-from", type=Path, default=None, metavar="JSON",
+                        help="each contender's learning rate from an --lr-grid result file")
+    parser.add_argument("--diagnose", action="store_true",
+                        help="instead: step-0 diagnostics of every generator-based contender (token-specific share "
+                             "of the encoder input, gradient energy in the feature span vs a random span)")
+    parser.add_argument("--diagnose-batches", type=int, default=8)
     parser.add_argument("--name", default="hyperadalora_convergence")
-    parser.add_argument("--workdir", default="/tmp/hyperadalora_convergence")
     return parser
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parsed, with the task's default target fraction and each contender's learning rate resolved (so result
+    files hold them)."""
+    import json
+
     args = build_parser().parse_args(argv)
+    if args.target_frac is None:
+        args.target_frac = TASKS[args.task]["target_frac"]
+    args.contender_lr = json.loads(args.lrs_from.read_text())["best_lr"] if args.lrs_from else None
+    args.lrs_from = str(args.lrs_from) if args.lrs_from else None
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -193,6 +276,12 @@ def main(argv=None) -> None:
     if args.step_time:
         step_time(args)
         return
+    if args.diagnose:
+        diagnose(args)
+        return
+    if args.lr_grid:
+        lr_grid(args)
+        return
     table = contenders(args)
     runs: dict[str, list[dict]] = {name: [] for name in table}
     for done, seed in enumerate(args.seeds, 1):
@@ -201,7 +290,7 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             result = run_one(cls, kwargs, train, val, args, seed)
             runs[name].append(result)
-            print(f"seed {seed} {name}: final acc {result['curve'][-1][1]:.4f}, "
+            print(f"seed {seed} {name}: final {TASKS[args.task]['metric']} {final_value(result):.4f}, "
                   f"{statistics.median(result['step_times']) * 1e3:.0f} ms/step, {time.perf_counter() - start:.0f} s",
                   flush=True)
         report(runs, args, args.seeds[:done])  # after every seed, so an interrupted run still leaves its numbers
@@ -272,6 +361,7 @@ def merge(args) -> None:
                 runs.setdefault(name, []).append({"curve": [tuple(c) for c in curve], "step_times": [ms / 1e3]})
         for key in ("steps", "val_every", "val_samples", "batch_size", "max_length", "target_frac"):
             setattr(args, key, data["args"][key])
+        args.task = data["args"].get("task", "minilm-rt")
     args.seeds = sorted(set(seeds))  # files may split one seed's contenders
     report(runs, args, args.seeds, settings)
 
@@ -279,16 +369,19 @@ def merge(args) -> None:
 def report(runs, args, seeds, settings: dict[str, dict] | None = None) -> None:
     if settings is None:
         settings = {name: {"class": cls.__name__, **kwargs} for name, (cls, kwargs) in contenders(args).items()}
+    spec = TASKS[args.task]
+    metric, higher = spec["metric"].removeprefix("val/"), spec["higher"]
     reference = "AdaLoRA" if "AdaLoRA" in runs else next(iter(runs))
-    ref_final = med([r["curve"][-1][1] for r in runs[reference]])
+    ref_final = med([final_value(r) for r in runs[reference]])
     target = args.target_acc if args.target_acc is not None else args.target_frac * ref_final
     rows = {}
     for name, results in runs.items():
-        reach = [first_reaching(r["curve"], target) for r in results]
+        reach = [first_reaching(r["curve"], target, higher) for r in results]
+        finals = [final_value(r) for r in results]
         rows[name] = {
-            "final_acc": med([r["curve"][-1][1] for r in results]),
-            "final_acc_per_seed": [r["curve"][-1][1] for r in results],
-            "best_acc": med([max(a for _, a, _ in r["curve"]) for r in results]),
+            "final": med(finals),
+            "final_per_seed": finals,
+            "best": med([(max if higher else min)(v for _, v, _ in r["curve"]) for r in results if r["curve"]]),
             "steps_to_target": med([s for s, _ in reach]),
             "steps_to_target_per_seed": [s for s, _ in reach],
             "seconds_to_target": med([t for _, t in reach]),
@@ -305,19 +398,20 @@ def report(runs, args, seeds, settings: dict[str, dict] | None = None) -> None:
         row["time_ratio"] = (row["seconds_to_target"] / ref["seconds_to_target"]
                              if row["seconds_to_target"] and ref["seconds_to_target"] else None)
         row["step_time_ratio"] = row["step_ms"] / ref["step_ms"]
-        row["final_acc_delta_pt"] = 100 * (row["final_acc"] - ref["final_acc"])
+        row["final_delta"] = row["final"] - ref["final"]
 
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
 
+    floor = (f"Validation majority-class accuracy: {majority(args.max_length, args.batch_size, args.val_samples):.4f}. "
+             if args.task == "minilm-rt" else "")
     lines = [
-        (f"Target: accuracy {target:.4f} (absolute). " if args.target_acc is not None else
-         f"Target: {args.target_frac:.0%} of {reference}'s median final accuracy = {target:.4f}. ") +
-        f"Validation majority-class accuracy: {majority(args.max_length, args.batch_size, args.val_samples):.4f}. "
+        (f"Target: {metric} {target:.4f} (absolute). " if args.target_acc is not None else
+         f"Target: {args.target_frac:g} × {reference}'s median final {metric} = {target:.4f}. ") + floor +
         f"{len(seeds)} seeds ({seeds}), {args.steps} steps, batch {args.batch_size}, seq {args.max_length}, "
         f"validation on {args.val_samples} examples every {args.val_every} steps. Medians over seeds.",
         "",
-        "| method | lr (hypernet) | final acc | Δ vs AdaLoRA (pt) | steps to target | × AdaLoRA | s to target "
+        f"| method | lr (hypernet) | final {metric} | Δ vs AdaLoRA | steps to target | × AdaLoRA | s to target "
         "| × AdaLoRA | ms/step | × AdaLoRA | seeds reaching |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -325,7 +419,7 @@ def report(runs, args, seeds, settings: dict[str, dict] | None = None) -> None:
         hyper_lr = settings[name].get("hypernet_lr")
         lrs = f"{settings[name]['learning_rate']:g}" + (f" ({hyper_lr:g})" if hyper_lr is not None else "")
         lines.append(
-            f"| {name} | {lrs} | {r['final_acc']:.4f} | {r['final_acc_delta_pt']:+.2f} "
+            f"| {name} | {lrs} | {r['final']:.4f} | {r['final_delta']:+.4f} "
             f"| {fmt(r['steps_to_target'], '.0f')} "
             f"| {fmt(r['steps_ratio'], '.2f')} | {fmt(r['seconds_to_target'], '.1f')} | {fmt(r['time_ratio'], '.2f')} "
             f"| {r['step_ms']:.0f} | {r['step_time_ratio']:.2f} | {r['reached']}/{r['seeds']} |"
@@ -334,12 +428,70 @@ def report(runs, args, seeds, settings: dict[str, dict] | None = None) -> None:
     print(markdown)
     for name, row in rows.items():
         row["settings"] = settings[name]
-    payload = {"args": vars(args), "seeds_done": seeds, "target_accuracy": target, "reference": reference, "results": rows}
+    payload = {"args": vars(args), "seeds_done": seeds, "metric": spec["metric"], "target": target,
+               "reference": reference, "results": rows}
     write_results(args.name, payload, markdown)
-    plot(rows, target, Path(__file__).resolve().parent / "results" / f"{args.name}.png")
+    plot(rows, target, Path(__file__).resolve().parent / "results" / f"{args.name}.png", args.task)
 
 
-def plot(rows, target, path: Path) -> None:
+def lr_grid(args) -> None:
+    """Every contender at every ``--lr-grid`` rate on the first seed (same batches); the best rate per contender by
+    final metric (a diverged run never wins) goes to ``<name>_lr_grid.json`` for ``--lrs-from``."""
+    spec = TASKS[args.task]
+    seed = args.seeds[0]
+    train, val = draw_batches(args, seed)
+    finals: dict[str, dict[str, float]] = {}
+    for lr in args.lr_grid:
+        at_lr = argparse.Namespace(**{**vars(args), "contender_lr": None, "lr": lr, "lora_lr": lr})
+        for name, (cls, kwargs) in contenders(at_lr).items():
+            result = run_one(cls, kwargs, train, val, args, seed)
+            finals.setdefault(name, {})[f"{lr:g}"] = final_value(result)
+            print(f"lr {lr:g} {name}: final {spec['metric']} {final_value(result):.4f}", flush=True)
+    best = {}
+    for name, by_lr in finals.items():
+        winner = None
+        for lr, value in by_lr.items():
+            if winner is None or better(value, by_lr[winner], spec["higher"]):
+                winner = lr
+        best[name] = float(winner)
+    header = " | ".join(f"{lr:g}" for lr in args.lr_grid)
+    lines = [f"Final {spec['metric']} after {args.steps} steps, seed {seed}, per learning rate (NaN: diverged).", "",
+             f"| method | {header} | best lr |", "|---" * (len(args.lr_grid) + 2) + "|"]
+    for name, by_lr in finals.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in by_lr.values()) + f" | {best[name]:g} |")
+    markdown = "\n".join(lines)
+    print(markdown)
+    write_results(f"{args.name}_lr_grid", {"args": vars(args), "final": finals, "best_lr": best}, markdown)
+
+
+def diagnose(args) -> None:
+    """Step 0 of every generator-based contender on ``--diagnose-batches`` training batches of seed 0: per
+    generator, the token-specific share of its encoder input and the share of ∂L/∂(generated factor) inside its
+    feature span vs a random span of the same size (adapters/hyper_diagnostics.py)."""
+    train, _ = draw_batches(argparse.Namespace(**{**vars(args), "steps": args.diagnose_batches}), 0)
+    lines = ["| method | factor | token-specific share | within-matrix share | gradient in feature span "
+             "| in a random span (expected) |", "|---|---|---|---|---|---|"]
+    payload = {}
+    for name, (cls, kwargs) in contenders(args).items():
+        if not issubclass(cls, (HyperAdaLoRAModule, HyperLoRAModule)):
+            continue
+        L.seed_everything(0, verbose=False)
+        module = cls(**kwargs)
+        for batch in train:  # gradients of the generated factors accumulate until a step
+            module.task.loss(module(batch), batch).backward()
+        payload[name] = generator_diagnostics(module.hypernet)
+        for fname, d in payload[name].items():
+            span, random = ("n/a (zero gradient)", "n/a") if d["span_share"] is None else (
+                f"{d['span_share']:.4f}", f"{d['random_share']:.4f}")
+            lines.append(f"| {name} | {fname} | {d['token_share']:.4f} | {d['within_matrix_share']:.4f} "
+                         f"| {span} | {random} |")
+    markdown = (f"Generator diagnostics at step 0, {args.task}, {args.diagnose_batches} batches of "
+                f"{args.batch_size} (seed 0's training batches).\n\n" + "\n".join(lines))
+    print(markdown)
+    write_results(f"{args.name}_diagnostics", {"args": vars(args), "results": payload}, markdown)
+
+
+def plot(rows, target, path: Path, task: str = "minilm-rt") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -347,17 +499,16 @@ def plot(rows, target, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, row in rows.items():
-        curves = row["curves"]
-        steps = [s for s, _, _ in curves[0]]
-        accs = [statistics.median(c[i][1] for c in curves) for i in range(len(steps))]
-        lo = [min(c[i][1] for c in curves) for i in range(len(steps))]
-        hi = [max(c[i][1] for c in curves) for i in range(len(steps))]
-        line, = ax.plot(steps, accs, marker="o", ms=3, label=name)
-        ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.12)
+        curves = [c for c in row["curves"] if c]
+        length = min(len(c) for c in curves)  # a diverged seed ends early
+        steps = [s for s, _, _ in curves[0][:length]]
+        values = [[c[i][1] for c in curves] for i in range(length)]
+        line, = ax.plot(steps, [statistics.median(v) for v in values], marker="o", ms=3, label=name)
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.12)
     ax.axhline(target, color="gray", ls="--", lw=1, label="target")
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("validation accuracy (median, min–max over seeds)")
-    ax.set_title("MiniLM on Rotten Tomatoes")
+    ax.set_ylabel(f"validation {TASKS[task]['metric'].removeprefix('val/')} (median, min–max over seeds)")
+    ax.set_title({"minilm-rt": "MiniLM on Rotten Tomatoes", "smollm2-hamlet": "SmolLM2 on Hamlet"}[task])
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
