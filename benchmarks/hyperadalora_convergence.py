@@ -80,6 +80,15 @@ def contenders(args) -> dict[str, tuple[type, dict]]:
         return lambda lr: dict(base(lr), hypernet_lr=args.hypernet_lr_ratio * lr,
                                hypernet_warmup=args.hypernet_warmup, mode=mode, **options)
 
+    frontload_ratio = getattr(args, "frontload_ratio", 1.0)
+
+    def frontload(**options):  # generator LR frontload_ratio × lr at the start, 0 and folded at tinit
+        return lambda lr: dict(hyper(ada, **options)(lr), hypernet_lr=frontload_ratio * lr, hypernet_warmup=0,
+                               hypernet_fold_at=0.1)
+
+    def boosted(lr: float) -> dict:  # the control: the same extra early LR on Λ alone
+        return dict(ada(lr), lambda_lr_boost=frontload_ratio, lambda_boost_steps=0.1)
+
     builders = {
         "LoRA": (LoRAModule, lora, lora_lr),
         "AdaLoRA": (AdaLoRAModule, ada, args.lr),
@@ -91,6 +100,9 @@ def contenders(args) -> dict[str, tuple[type, dict]]:
         "HyperAdaLoRA-gradrms": (HyperAdaLoRAModule, hyper(ada, hypernet_scaling="grad_rms"), args.lr),
         "HyperAdaLoRA-triplet-gradrms": (HyperAdaLoRAModule,
                                          hyper(ada, hypernet_tokens="triplet", hypernet_scaling="grad_rms"), args.lr),
+        "HyperAdaLoRA-frontload": (HyperAdaLoRAModule, frontload(), args.lr),
+        "HyperAdaLoRA-triplet-frontload": (HyperAdaLoRAModule, frontload(hypernet_tokens="triplet"), args.lr),
+        "AdaLoRA-lambda-boost": (AdaLoRAModule, boosted, args.lr),
         "HyperLoRA": (HyperLoRAModule, hyper(lora), lora_lr),
     }
     lrs = getattr(args, "contender_lr", None) or {}
@@ -221,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hypernet-lr-ratio", type=float, default=0.1,
                         help="hypernet_lr = this × the contender's learning rate")
     parser.add_argument("--hypernet-warmup", type=float, default=0.05)
+    parser.add_argument("--frontload-ratio", type=float, default=1.0,
+                        help="-frontload contenders: generator LR = this × lr at the start, decaying to 0 (and "
+                             "folded) at tinit; AdaLoRA-lambda-boost: Λ's LR × (1 + this) decaying alike")
     parser.add_argument("--init-r", type=int, default=12)
     parser.add_argument("--target-r", type=int, default=8)
     parser.add_argument("--alpha", type=float, default=16.0)

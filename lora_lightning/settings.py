@@ -106,13 +106,17 @@ class RankSchedule:
 @dataclass(frozen=True)
 class AdaLoRASettings(RankSchedule):
     """AdaLoRA: ranks start at ``init_r`` and are pruned to an average ``target_r`` on :class:`RankSchedule`;
-    ΔW = P diag(Λ ⊙ m) Q · alpha / init_r; ``orth_reg_weight`` is γ of the orthogonal regulariser."""
+    ΔW = P diag(Λ ⊙ m) Q · alpha / init_r; ``orth_reg_weight`` is γ of the orthogonal regulariser;
+    ``lambda_lr_boost`` / ``lambda_boost_steps``: Λ's learning rate × (1 + boost · (1 − t / steps)) for the first
+    steps (the control of a front-loaded hypernetwork, issue 13; 0: off)."""
 
     init_r: int = 12
     target_r: int = 8
     alpha: float = 32.0
     dropout: float = 0.0
     orth_reg_weight: float = 0.5
+    lambda_lr_boost: float = 0.0
+    lambda_boost_steps: int | float = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,6 +129,9 @@ class AdaLoRASettings(RankSchedule):
             raise ValueError(f"target_r ({self.target_r}) cannot exceed init_r ({self.init_r}): AdaLoRA only prunes.")
         if self.orth_reg_weight < 0:
             raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
+        if self.lambda_lr_boost < 0:
+            raise ValueError(f"lambda_lr_boost must be >= 0, got {self.lambda_lr_boost}.")
+        resolve_steps(self.lambda_boost_steps, 1, "lambda_boost_steps")
 
     def peft_schedule(self) -> dict[str, Any]:
         """``target_r``, the schedule (in steps) and ``orth_reg_weight`` as PEFT's ``AdaLoraConfig`` names them.
@@ -182,7 +189,9 @@ class HypernetSettings:
     module's learning rate) and its ``warmup`` (int steps or float run fraction); ``tokens`` (``factor``: a rank
     token is one factor's column/row; ``triplet``: the whole triplet, projected without bias) and ``scaling``
     (``none``, ``gains``: learnable per-matrix output gains, ``grad_rms``: each matrix's gradient into the generator
-    normalised to unit RMS)."""
+    normalised to unit RMS); ``fold_at`` (steps or run fraction, ``None``: never): the ``hypernet`` group's LR
+    decays linearly to 0 by then, when the generated factors are folded into the base factors and the generators
+    leave the step (``residual`` mode only)."""
 
     mode: str = "residual"
     hidden: int = 64
@@ -191,6 +200,7 @@ class HypernetSettings:
     warmup: int | float = 0.1
     tokens: str = "factor"
     scaling: str = "none"
+    fold_at: int | float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in HYPERNET_MODES:
@@ -199,6 +209,11 @@ class HypernetSettings:
             raise ValueError(f"Unknown hypernet_tokens '{self.tokens}'; choose one of {list(HYPERNET_TOKENS)}.")
         if self.scaling not in HYPERNET_SCALINGS:
             raise ValueError(f"Unknown hypernet_scaling '{self.scaling}'; choose one of {list(HYPERNET_SCALINGS)}.")
+        if self.fold_at is not None:
+            resolve_steps(self.fold_at, 1, "hypernet_fold_at")
+            if self.mode != "residual":
+                raise ValueError(f"hypernet_fold_at folds generated factors into trainable base factors: it needs "
+                                 f"mode='residual', not '{self.mode}'.")
         if self.hidden < 1 or self.heads < 1 or self.hidden % self.heads:
             raise ValueError(f"hypernet_hidden ({self.hidden}) must be a positive multiple of hypernet_heads "
                              f"({self.heads}).")

@@ -84,7 +84,8 @@ class FactorGenerator(nn.Module):
 class TripletGenerator(FactorGenerator):
     """A generator whose rank token i holds the whole triplet of a matrix: P̄'s column i, λ̄ᵢ and Q̄'s row i (A's row
     and B's column for LoRA), concatenated and projected *without a bias* (a shared bias makes the tokens of a
-    matrix equal while Λ̄ = 0). It is called with the tuple of every factor's tokens ``((n, r, d_k), ...)`` and
+    matrix equal while Λ̄ = 0); its rank-position embedding starts with the energy of the layer and type
+    embeddings together. It is called with the tuple of every factor's tokens ``((n, r, d_k), ...)`` and
     returns the increment of factor ``output`` (its index in that tuple).
 
     Args:
@@ -99,6 +100,8 @@ class TripletGenerator(FactorGenerator):
         super().__init__({dims[output] for dims in layouts}, max_rank, num_layers, num_types, hidden, heads, ff_mult)
         self.output = output
         self.in_proj = nn.ModuleDict({self.layout_key(d): nn.Linear(sum(d), hidden, bias=False) for d in layouts})
+        with torch.no_grad():  # rank-position energy = layer + type energy: a matrix's tokens differ as matrices do
+            self.rank_embedding.mul_(2 ** 0.5)
 
     @staticmethod
     def layout_key(dims: tuple[int, ...]) -> str:
@@ -257,6 +260,7 @@ class AdapterHypernet(nn.Module):
         for i, layer in enumerate(self._layers):  # plain attributes: they survive pickling (ddp_spawn) and deepcopy
             object.__setattr__(layer, "_hypernet", self)
             object.__setattr__(layer, "_hypernet_index", i)
+        self.folded = False  # see ``fold``
         self._train_cache: dict | None = None
         self._eval_cache: dict | None = None
         self._grad_key: tuple | None = None
@@ -363,6 +367,8 @@ class AdapterHypernet(nn.Module):
         self._train_cache["pinned"] = True
 
     def generated(self, layer: HyperMixin) -> dict[str, Tensor]:
+        if self.folded:
+            return {fname: getattr(layer, fname) for fname in self.factor_names}
         return self.generate()[layer._hypernet_index]
 
     def zero_generated_grads(self) -> None:
@@ -385,6 +391,24 @@ class AdapterHypernet(nn.Module):
         self._train_cache = None
 
     @torch.no_grad()
+    def fold(self) -> None:
+        """``residual`` mode: base factors ← the current generated factors (P̄ ← P̄ + G(P̄), ...); from then on every
+        layer reads its base factors and the generators get no gradient (an optimiser skips them). The layer
+        outputs are unchanged. One way; ``folded`` is the module's checkpoint content."""
+        if self.mode != "residual":
+            raise ValueError(f"fold() writes into trainable base factors: mode='residual' only, not '{self.mode}'.")
+        if self.folded:
+            return
+        with torch.enable_grad():  # the training path (the eval fast path may differ in the last bits)
+            factors = self._generate()
+        for layer, generated in zip(self._layers, factors):
+            for fname, value in generated.items():
+                getattr(layer, fname).copy_(value.detach())
+        self.folded = True
+        self.invalidate()
+        self.zero_generated_grads()
+
+    @torch.no_grad()
     def materialize(self, model: nn.Module) -> nn.Module:
         """Replace every generated layer of ``model`` by a plain :class:`SVDLinear` / :class:`LoRALinear` holding
         the current generated factors (and rank mask): export and merge then work as for AdaLoRA / LoRA."""
@@ -405,7 +429,7 @@ class AdapterHypernet(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, tokens={self.tokens}, scaling={self.scaling}, matrices={len(self._layers)}, "
-                f"factors={list(self.factor_names)}")
+                f"factors={list(self.factor_names)}, folded={self.folded}")
 
 
 def materialized_layer(layer: HyperMixin, factors: dict[str, Tensor]) -> AdapterLayer:

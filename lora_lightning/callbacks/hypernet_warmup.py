@@ -7,6 +7,9 @@ ranks. Right before each optimiser step the group's learning rate (whatever the 
 steps the LR scheduler) the scheduled value is put back, so the LR scheduler never sees the ramp and the two compose (the scheduler's own warmup applies on top). The ramp depends only on the
 optimiser step, which Lightning restores on resume; the callback's ``state_dict`` carries its settings and the
 step it reached, so a resumed run ramps exactly as an uninterrupted one.
+
+A front-loaded generator (the module's ``hypernet_settings.fold_at``) also decays: the factor is further multiplied
+by ``max(0, 1 - t / fold_steps)``, 0 from the step at which the module folds the generators into the base factors.
 """
 from __future__ import annotations
 
@@ -33,13 +36,15 @@ class HypernetWarmup(Callback):
             resolve_steps(warmup_steps, 1, "warmup_steps")  # type and range check now
         self.warmup_steps, self.group_name = warmup_steps, group_name
         self.resolved_steps: int | None = None
+        self.decay_steps: int | None = None  # the module's fold step, if any
         self.step = 0
         self._scheduled: list[tuple[dict, float]] = []
         self._hooks: list = []
 
     def factor(self, step: int) -> float:
         total = self.resolved_steps or 0
-        return 1.0 if total <= 0 else min(1.0, (step + 1) / total)
+        ramp = 1.0 if total <= 0 else min(1.0, (step + 1) / total)
+        return ramp if self.decay_steps is None else ramp * max(0.0, 1.0 - step / max(self.decay_steps, 1))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.warmup_steps is None:
@@ -53,6 +58,9 @@ class HypernetWarmup(Callback):
             if isinstance(self.warmup_steps, float) and total == float("inf"):
                 raise ValueError("HypernetWarmup with a fractional warmup_steps needs a run with a step limit.")
             self.resolved_steps = resolve_steps(self.warmup_steps, int(total) if total != float("inf") else 1, "warmup_steps")
+        settings = getattr(pl_module, "hypernet_settings", None)
+        if self.decay_steps is None and settings is not None and settings.fold_at is not None:
+            self.decay_steps = pl_module.fold_step
         groups = [g for opt in trainer.optimizers for g in opt.param_groups if g.get("name") == self.group_name]
         if not groups:
             names = [g.get("name") for opt in trainer.optimizers for g in opt.param_groups]
@@ -88,9 +96,11 @@ class HypernetWarmup(Callback):
         return {**self.__dict__, "_scheduled": [], "_hooks": []}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"warmup_steps": self.warmup_steps, "resolved_steps": self.resolved_steps, "step": self.step}
+        return {"warmup_steps": self.warmup_steps, "resolved_steps": self.resolved_steps, "step": self.step,
+                "decay_steps": self.decay_steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.warmup_steps = state_dict["warmup_steps"]
         self.resolved_steps = state_dict["resolved_steps"]
         self.step = int(state_dict["step"])
+        self.decay_steps = state_dict.get("decay_steps")  # absent from checkpoints written before it existed

@@ -14,12 +14,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from lora_lightning.adapters.svd import SVDLinear
+from lora_lightning.allocation.budget import resolve_steps
 from lora_lightning.allocation.importance import RankUnit, orthogonal_regularizer
 from lora_lightning.callbacks.rank_pruning import RankPruningScheduler
 from lora_lightning.modules.base import AdapterModule
 from lora_lightning.settings import AdaLoRASettings
 
 RUN_SETTINGS_KEY = "adalora_run_settings"
+LAMBDA_GROUP = "lambda"
 
 
 class AdaLoRAModule(AdapterModule):
@@ -37,6 +39,10 @@ class AdaLoRAModule(AdapterModule):
         beta1 (float): EMA factor of the sensitivity, in [0, 1).
         beta2 (float): EMA factor of the uncertainty, in [0, 1).
         total_step (int | None): optimiser steps of the run; default ``trainer.estimated_stepping_batches``.
+        lambda_lr_boost (float): extra learning rate on Λ alone, as a multiple of its scheduled rate, decaying
+            linearly to 0 over ``lambda_boost_steps`` (Λ gets its own param group ``lambda``; 0: off, one group).
+            The control of HyperAdaLoRA's front-loaded generator (issue 13).
+        lambda_boost_steps (int | float): steps (int) or run fraction (float) of that boost.
         (everything else: see :class:`~lora_lightning.modules.base.AdapterModule`)
 
     ``self.settings`` holds these values validated; ``self.run_settings`` the same with the steps of the last fit
@@ -57,13 +63,17 @@ class AdaLoRAModule(AdapterModule):
         beta1: float = 0.85,
         beta2: float = 0.85,
         total_step: int | None = None,
+        lambda_lr_boost: float = 0.0,
+        lambda_boost_steps: int | float = 0,
         **kwargs: Any,
     ) -> None:
         self.settings = AdaLoRASettings(
             init_r=init_r, target_r=target_r, alpha=alpha, dropout=dropout, orth_reg_weight=orth_reg_weight,
             tinit=tinit, tfinal=tfinal, delta_t=delta_t, beta1=beta1, beta2=beta2, total_step=total_step,
+            lambda_lr_boost=lambda_lr_boost, lambda_boost_steps=lambda_boost_steps,
         )
         self.run_settings: AdaLoRASettings | None = None
+        self.lambda_boost_until = 0  # lambda_boost_steps in steps, once the run length is known (setup)
         super().__init__(*args, **kwargs)
 
     def make_adapter(self, name: str, layer: nn.Module) -> SVDLinear:
@@ -93,11 +103,43 @@ class AdaLoRAModule(AdapterModule):
     def method_callbacks(self) -> list:
         return [*super().method_callbacks(), RankPruningScheduler()]
 
+    # ----------------------------------------------------------------- the Λ learning-rate boost (a control)
+    def param_groups(self) -> list[dict[str, Any]]:
+        groups = super().param_groups()
+        if self.settings.lambda_lr_boost == 0:
+            return groups
+        lams = {id(layer.lora_lambda) for layer in self.adapters.values() if isinstance(layer, SVDLinear)}
+        split = []
+        for group in groups:
+            rest = [p for p in group["params"] if id(p) not in lams]
+            split.append({**group, "params": rest})
+            if group.get("name") == "adapters":
+                split.append({**group, "name": LAMBDA_GROUP, "params": [p for p in group["params"] if id(p) in lams]})
+        return split
+
+    def lambda_lr_factor(self, step: int) -> float:
+        """Factor on the ``lambda`` group's scheduled LR at optimiser step ``step`` (0-based)."""
+        until = self.lambda_boost_until
+        return 1.0 + self.settings.lambda_lr_boost * max(0.0, 1.0 - step / until) if until else 1.0
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        factor = self.lambda_lr_factor(self.trainer.global_step) if self.settings.lambda_lr_boost else 1.0
+        boosted = [(g, g["lr"]) for g in optimizer.param_groups if g.get("name") == LAMBDA_GROUP and factor != 1.0]
+        for group, lr in boosted:
+            group["lr"] = lr * factor
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:  # the LR scheduler never sees the boost
+            for group, lr in boosted:
+                group["lr"] = lr
+
     # ----------------------------------------------------------------- the run's resolved settings
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit":
             self.run_settings = self.settings.resolved(self.trainer.estimated_stepping_batches)
+            self.lambda_boost_until = resolve_steps(self.settings.lambda_boost_steps, self.run_settings.total_step,
+                                                    "lambda_boost_steps")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

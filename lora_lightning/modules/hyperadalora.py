@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from lora_lightning.adapters.hyper import AdapterHypernet, HyperLoRALinear, HyperSVDLinear
+from lora_lightning.allocation.budget import resolve_steps
 from lora_lightning.allocation.flat import flatten, unflatten
 from lora_lightning.allocation.importance import RankUnit, orthogonal_regularizer
 from lora_lightning.callbacks.hypernet_warmup import HypernetWarmup
@@ -28,6 +29,7 @@ from lora_lightning.modules.lora import LoRAModule
 from lora_lightning.settings import HypernetSettings
 
 HYPERNET_GROUP = "hypernet"
+FOLDED_KEY = "hypernet_folded"
 # Default hypernet_lr = this × learning_rate. The generators' zero-initialised output projections move every
 # generated entry by about lr × Σ|hidden| per Adam step, tens of times a directly optimised factor's step: at
 # ratio 1 HyperAdaLoRA diverged, at 0.6 it sat at the majority class for 200 of 300 steps, HyperLoRA diverged at
@@ -45,7 +47,8 @@ class _HypernetMixin(AdapterModule):
 
     def __init__(self, *args: Any, mode: str = "residual", hypernet_hidden: int = 64, hypernet_heads: int = 4,
                  hypernet_lr: float | None = None, hypernet_warmup: int | float = 0.1, hypernet_tokens: str = "factor",
-                 hypernet_scaling: str = "none", **kwargs: Any) -> None:
+                 hypernet_scaling: str = "none", hypernet_fold_at: int | float | None = None,
+                 **kwargs: Any) -> None:
         """The hypernetwork's arguments; the rest go to the method it drives (AdaLoRA or LoRA).
 
         Args:
@@ -65,19 +68,34 @@ class _HypernetMixin(AdapterModule):
             hypernet_scaling (str): ``none``, ``gains`` (a learnable output gain per matrix and factor kind, 1 at
                 the start) or ``grad_rms`` (each matrix's gradient into the shared generator divided by its RMS, so
                 one matrix cannot set the step of all; importance still sees the true gradients).
+            hypernet_fold_at (int | float | None): front-loaded generator (``residual`` mode): the ``hypernet``
+                group's LR decays linearly to 0 by this step (int) or run fraction (float) (HypernetWarmup), then
+                the generated factors are folded into the base factors (``AdapterHypernet.fold``): pruning and
+                importance act on plain factors and the step costs AdaLoRA's. ``None``: never.
 
         The validated values are ``self.hypernet_settings`` (:class:`~lora_lightning.settings.HypernetSettings`).
         """
         settings = HypernetSettings(mode=mode, hidden=hypernet_hidden, heads=hypernet_heads, lr=hypernet_lr,
                                     warmup=hypernet_warmup, tokens=hypernet_tokens,
-                                    scaling=hypernet_scaling)  # checked before the backbone loads
+                                    scaling=hypernet_scaling, fold_at=hypernet_fold_at)  # checked before loading
         super().__init__(*args, **kwargs)
         self.hypernet_settings = settings
         self.hypernet = AdapterHypernet(self.adapters, mode=mode, hidden=hypernet_hidden, heads=hypernet_heads,
                                         tokens=hypernet_tokens, scaling=hypernet_scaling)
 
+    @property
+    def generating(self) -> bool:
+        """Whether the adapters read generated factors (not materialised, not folded)."""
+        return self.hypernet is not None and not self.hypernet.folded
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        fold_at = self.hypernet_settings.fold_at
+        if stage == "fit" and fold_at is not None:
+            self.fold_step = resolve_steps(fold_at, int(self.trainer.estimated_stepping_batches), "hypernet_fold_at")
+
     def forward(self, batch: dict[str, Tensor]):
-        if self.hypernet is not None and torch.is_grad_enabled():
+        if self.generating and torch.is_grad_enabled():
             self.hypernet.pin()  # generated once, outside the backbone's (possibly checkpointed) blocks
         return super().forward(batch)
 
@@ -112,11 +130,25 @@ class _HypernetMixin(AdapterModule):
             stores[i][key] = grad
 
     def optimizer_step(self, *args, **kwargs) -> None:
+        completed = self.trainer.global_step + 1  # optimiser steps done once this one is
         super().optimizer_step(*args, **kwargs)
+        if self.generating and self.hypernet_settings.fold_at is not None and completed >= self.fold_step:
+            self.hypernet.fold()  # front-loaded generator: its LR reached 0 (HypernetWarmup)
         # recurrent mode: base ← generated, right after the step, so that checkpoints written at the end of this
         # batch and the rank scheduler (which scores the post-step factors) both see the updated base.
         if self.hypernet is not None:
             self.hypernet.recurrent_update()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.hypernet is not None:
+            checkpoint[FOLDED_KEY] = self.hypernet.folded
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.hypernet is not None:  # the folded base factors come with the state dict
+            self.hypernet.folded = bool(checkpoint.get(FOLDED_KEY, False))
+            self.hypernet.invalidate()
 
     @torch.no_grad()
     def materialize(self):
@@ -147,7 +179,7 @@ class HyperAdaLoRAModule(_HypernetMixin, AdaLoRAModule):
         moments are set to 0 at each event (residual and recurrent modes; seeded Λ̄ is frozen), so a triplet kept
         again restarts from the generator's increment alone. The mask, not the truncation, keeps the generated
         Λ_i out of the forward; between events Λ̄_i may move (other rank tokens attend to it)."""
-        if self.hypernet is None:  # materialised: plain SVD layers
+        if not self.generating:  # materialised or folded: plain factors
             return super().rank_units()
         with torch.no_grad():
             generated = self.hypernet.generate()
@@ -167,7 +199,7 @@ class HyperAdaLoRAModule(_HypernetMixin, AdaLoRAModule):
         weight = self.settings.orth_reg_weight
         if weight == 0:
             return {}
-        if self.hypernet is None:
+        if not self.generating:
             return super().extra_losses()
         pairs = [(g["lora_P"], g["lora_Q"]) for g in self.hypernet.generate()]  # graph-connected: trains generators
         return {"orth_reg": weight * orthogonal_regularizer(pairs)}

@@ -25,10 +25,11 @@ class RecordLR(Callback):
         trainer.optimizers[0].register_step_post_hook(post_hook)
 
 
-def fit(tiny_bert, steps, callbacks, scheduler=True):
+def fit(tiny_bert, steps, callbacks, scheduler=True, **options):
     torch.manual_seed(0)
+    options = {"hypernet_warmup": 4, **options}
     module = HyperLoRAModule(backbone=tiny_bert, rank=2, target_modules=["query", "value"], hypernet_hidden=16,
-                             hypernet_heads=2, learning_rate=1e-3, hypernet_lr=2e-3, hypernet_warmup=4)
+                             hypernet_heads=2, learning_rate=1e-3, hypernet_lr=2e-3, **options)
     if not scheduler:
         module.lr_scheduler_factory = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
@@ -47,7 +48,15 @@ def test_ramps_only_the_hypernet_group_and_restores_the_scheduled_lr(tiny_bert):
     assert all(r["adapters"] == 1e-3 for r in record.applied)
     assert all(record.flags)  # never a requires_grad toggle
     assert {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}["hypernet"] == 2e-3
-    assert warmups[0].state_dict() == {"warmup_steps": 4, "resolved_steps": 4, "step": 6}
+    assert warmups[0].state_dict() == {"warmup_steps": 4, "resolved_steps": 4, "step": 6, "decay_steps": None}
+
+
+def test_front_loaded_generator_lr_decays_to_zero_by_the_fold(tiny_bert):
+    record = RecordLR()
+    module, trainer = fit(tiny_bert, 6, [record], scheduler=False, hypernet_warmup=0, hypernet_fold_at=4)
+    assert [round(r["hypernet"], 8) for r in record.applied] == [2e-3, 1.5e-3, 1e-3, 5e-4, 0.0, 0.0]
+    assert all(r["adapters"] == 1e-3 for r in record.applied) and all(record.flags)
+    assert module.hypernet.folded
 
 
 def test_composes_with_the_lr_scheduler(tiny_bert):

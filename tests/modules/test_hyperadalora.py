@@ -139,15 +139,19 @@ def test_rank_units_are_generated_tensors_with_step_gradients_and_orth_reg_train
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("mode", ["recurrent", "residual"])
-def test_resume_equals_uninterrupted_run(tiny_bert, tmp_path, mode):
-    full = hyper(tiny_bert, mode, hypernet_warmup=3)
+@pytest.mark.parametrize("mode, options", [("recurrent", {}), ("residual", {}),
+                                           ("residual", dict(hypernet_fold_at=3, hypernet_warmup=0)),  # fold < ckpt
+                                           ("residual", dict(hypernet_fold_at=6, hypernet_warmup=0))])
+def test_resume_equals_uninterrupted_run(tiny_bert, tmp_path, mode, options):
+    options = {"hypernet_warmup": 3, **options}
+    full = hyper(tiny_bert, mode, **options)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1, filename="{step}")
     trainer(tmp_path, max_steps=8, enable_checkpointing=True, callbacks=[saver]).fit(full, loader(4))
-    resumed = hyper(tiny_bert, mode, seed=1, hypernet_warmup=3)  # another init: everything must come from the file
+    resumed = hyper(tiny_bert, mode, seed=1, **options)  # another init: everything must come from the file
     resumed_trainer = trainer(tmp_path, max_steps=8)
     resumed_trainer.fit(resumed, loader(4), ckpt_path=tmp_path / "ckpt" / "step=4.ckpt")
     assert resumed_trainer.global_step == 8
+    assert resumed.hypernet.folded == full.hypernet.folded == ("hypernet_fold_at" in options)
     a, b = adapter_state(full), adapter_state(resumed)
     assert a.keys() == b.keys() and any(k.startswith("hypernet.") for k in a)
     for key in a:
@@ -242,3 +246,85 @@ def test_hypernet_param_group_learning_rate(tiny_bert, hypernet_lr, expected):
     groups = {g["name"]: g for g in module.param_groups()}
     assert groups["hypernet"]["lr"] == pytest.approx(expected)
     assert {id(p) for p in groups["hypernet"]["params"]} == {id(p) for p in module.hypernet.parameters()}
+
+
+class RecordFold(Callback):
+    """After each step: whether the hypernet is folded, a generator weight and a base factor."""
+
+    def __init__(self) -> None:
+        self.rows = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        layer = next(iter(pl_module.adapters.values()))
+        self.rows.append((trainer.global_step, pl_module.hypernet.folded,
+                          pl_module.hypernet.generators["lora_lambda"].out_proj["1"].weight.detach().clone(),
+                          layer.lora_P.detach().clone()))
+
+
+def test_fold_keeps_outputs_and_takes_generators_out_of_the_step(tiny_bert):
+    module = hyper(tiny_bert, hypernet_fold_at=3, hypernet_warmup=0)
+    record = RecordFold()
+    trainer(max_steps=6, callbacks=[record]).fit(module, loader(6))
+    assert [(step, folded) for step, folded, *_ in record.rows] == [(1, False), (2, False), (3, True), (4, True),
+                                                                       (5, True), (6, True)]
+    weights = [w for *_, w, _ in record.rows]
+    assert not torch.equal(weights[0], weights[1])  # the generator trained before the fold ...
+    assert all(torch.equal(w, weights[2]) for w in weights[2:])  # ... and is out of the step after it
+    assert not torch.equal(record.rows[-1][3], record.rows[2][3])  # the plain factors go on training
+    assert all(p.grad is None for p in module.hypernet.parameters())
+    layer = next(iter(module.adapters.values()))
+    assert layer.generated()["lora_P"] is layer.lora_P  # the adapters read their base factors
+
+    # folding leaves the model's output unchanged (on a model folded by hand, from a trained unfolded state)
+    unfolded = hyper(tiny_bert, hypernet_fold_at=10, hypernet_warmup=0)
+    trainer(max_steps=5).fit(unfolded, loader(5))
+    assert not unfolded.hypernet.folded
+    unfolded.train()
+    with torch.no_grad():
+        before = unfolded(batch_inputs(7)).logits
+    unfolded.hypernet.fold()
+    with torch.no_grad():
+        after = unfolded(batch_inputs(7)).logits
+    torch.testing.assert_close(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_front_loaded_hypernet_lr_decays_to_zero_at_the_fold():
+    warmup = HypernetWarmup(warmup_steps=0)
+    warmup.resolved_steps, warmup.decay_steps = 0, 4
+    assert [warmup.factor(t) for t in range(6)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    warmup.resolved_steps = 2  # a ramp composes with the decay
+    assert [warmup.factor(t) for t in range(3)] == [0.5, 0.75, 0.5]
+
+
+def test_fold_needs_residual_mode(tiny_bert):
+    with pytest.raises(ValueError, match="hypernet_fold_at .* needs mode='residual', not 'recurrent'"):
+        hyper(tiny_bert, "recurrent", hypernet_fold_at=2)
+
+
+class RecordGroupLR(Callback):
+    """Each param group's LR as the optimiser applied it (a step post-hook)."""
+
+    def __init__(self) -> None:
+        self.applied: list[dict[str, float]] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        trainer.optimizers[0].register_step_post_hook(
+            lambda opt, *_: self.applied.append({g["name"]: g["lr"] for g in opt.param_groups}))
+
+
+def test_adalora_lambda_boost_control_gets_the_boosted_lr_for_exactly_the_boost_steps(tiny_bert):
+    torch.manual_seed(0)
+    module = AdaLoRAModule(backbone=tiny_bert, learning_rate=1e-3, lambda_lr_boost=1.0, lambda_boost_steps=3,
+                           **{**SCHEDULE, "tinit": 1, "tfinal": 1})
+    module.lr_scheduler_factory = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    groups = {g["name"]: g["params"] for g in module.param_groups()}
+    lams = [layer.lora_lambda for layer in module.adapters.values()]
+    assert [id(p) for p in groups["lambda"]] == [id(p) for p in lams]
+    assert not {id(p) for p in lams} & {id(p) for p in groups["adapters"]}
+    record = RecordGroupLR()
+    trainer(max_steps=5, callbacks=[record]).fit(module, loader(5))
+    assert [round(r["lambda"], 10) for r in record.applied] == [2e-3, round(1e-3 * (1 + 2 / 3), 10),
+                                                                 round(1e-3 * (1 + 1 / 3), 10), 1e-3, 1e-3]
+    assert all(r["adapters"] == 1e-3 for r in record.applied)
+    assert {g["name"]: g["lr"] for g in module.trainer.optimizers[0].param_groups}["lambda"] == 1e-3  # restored
+    assert [g["name"] for g in AdaLoRAModule(backbone=tiny_bert, **SCHEDULE).param_groups()] == ["adapters"]
