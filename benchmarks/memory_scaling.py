@@ -16,8 +16,13 @@ load drift on a shared machine hits both alike; the time column is their ratio.
 A memory model ``peak = a * params + b * tokens * layers * hidden + c`` is fitted per setup and side (least squares
 over the measured rows) and evaluated for 7B-70B models; its error on the measured rows is printed with it.
 
-    python benchmarks/memory_scaling.py --sizes 135M 0.5B --tokens 1x256 --extra-tokens 135M:1x128 360M:1x256 \
-        --steps 1
+    python benchmarks/memory_scaling.py --sizes 135M 0.5B --tokens 1x16 --extra-tokens 135M:1x32 360M:1x16 \
+        --setups fp32 'nf4 + ckpt' --steps 1
+    python benchmarks/memory_scaling.py --sizes 135M 0.5B --tokens 1x16 --extra-tokens 135M:1x32 \
+        --setups bf16 'bf16 + ckpt' --steps 1 --name memory_scaling_bf16
+
+(the committed runs, at what a shared 2-core CPU allowed; the issue's scale is
+``--sizes 135M 0.5B 1.5B --tokens 2x512 --steps 2`` on a machine with time for it.)
 """
 from __future__ import annotations
 
