@@ -13,6 +13,9 @@ factors of SVD (P, Λ, Q) or LoRA (A, B) adapters, once per optimiser step, inde
   equals AdaLoRA (or LoRA) with the same base factors.
 * Modes: ``residual`` (base factors and generators trained), ``recurrent`` (base ← generated after each step),
   ``seeded`` (frozen random base). The mask of an SVD adapter multiplies the *generated* Λ.
+* Options (issue 13): ``tokens="triplet"`` (:class:`TripletGenerator`: token i is the whole triplet), ``scaling``
+  (``gains``: per-matrix output gains; ``grad_rms``: per-matrix RMS-normalised gradient into the generator), and
+  :meth:`AdapterHypernet.fold` (base ← generated, generators out of the step). Diagnostics: hyper_diagnostics.py.
 * Generation is batched per factor kind and dimension and cached until a parameter changes (tensor versions) or a
   backward consumed its graph; generated tensors' gradients accumulate over a step's micro-batches for importance.
   Why, and the modes in full: docs/hyperadalora.md. Nothing here imports Lightning.

@@ -1,0 +1,41 @@
+"""benchmarks/hyperadalora_convergence.py: the learning-rate grid's choice and its hand-over to the seeded runs
+(fits replaced by fixed curves: the choice, not the training, is under test)."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common  # noqa: E402
+import hyperadalora_convergence as bench  # noqa: E402
+
+FINALS = {  # contender → lr → final metric (NaN: diverged)
+    "AdaLoRA": {1e-3: 0.70, 5e-3: 0.80},
+    "HyperAdaLoRA-triplet": {1e-3: 0.75, 5e-3: math.nan},
+}
+
+
+@pytest.mark.parametrize("task, best", [("minilm-rt", {"AdaLoRA": 5e-3, "HyperAdaLoRA-triplet": 1e-3}),
+                                        ("smollm2-hamlet", {"AdaLoRA": 1e-3, "HyperAdaLoRA-triplet": 1e-3})])
+def test_lr_grid_picks_each_contender_best_and_lrs_from_uses_it(monkeypatch, tmp_path, task, best):
+    def fake_run(cls, kwargs, train, val, args, seed):
+        name = next(n for n, (c, k) in bench.contenders(args_at[kwargs["learning_rate"]]).items() if k == kwargs)
+        return {"curve": [(10, FINALS[name][kwargs["learning_rate"]], 1.0)], "step_times": [0.1]}
+
+    monkeypatch.setattr(bench, "draw_batches", lambda args, seed: ([], []))
+    monkeypatch.setattr(bench, "run_one", fake_run)
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)  # results go to the test's folder
+    argv = ["--task", task, "--lr-grid", "1e-3", "5e-3", "--seeds", "0", "--only", *FINALS, "--name", "grid"]
+    args = bench.parse_args(argv)
+    args_at = {lr: bench.argparse.Namespace(**{**vars(args), "contender_lr": None, "lr": lr, "lora_lr": lr})
+               for lr in (1e-3, 5e-3)}
+    bench.lr_grid(args)
+    result = json.loads((tmp_path / "grid_lr_grid.json").read_text())
+    assert result["best_lr"] == best  # lower perplexity wins on Hamlet; a diverged run never wins
+    chosen = bench.contenders(bench.parse_args(["--lrs-from", str(tmp_path / "grid_lr_grid.json")]))
+    assert {name: chosen[name][1]["learning_rate"] for name in FINALS} == best
+    assert chosen["HyperAdaLoRA-triplet"][1]["hypernet_lr"] == pytest.approx(0.1 * best["HyperAdaLoRA-triplet"])
