@@ -43,13 +43,11 @@ def tiny_qwen2(tmp_path_factory) -> str:
 
 
 def tiny_backbone(backbone: str, causal: bool, tiny: dict[str, str]) -> str:
-    """The tiny stand-in for a config's backbone: same architecture for hub ids of Qwen2/Llama models."""
-    name = backbone.lower()
-    if "/" in name:
-        architecture = next((arch for arch in ("qwen2", "llama") if arch in name.replace("qwen2.5", "qwen2")), None)
-        assert architecture, f"No tiny stand-in of the architecture of hub backbone '{backbone}': add one here."
-        return tiny[architecture]
-    return tiny["llama"] if causal else tiny["bert"]
+    """The tiny stand-in for a config's backbone: same architecture for hub ids of Qwen2/Llama decoders, else a tiny
+    Llama (causal LM) or BERT (classification: BERT, RoBERTa and MiniLM configs)."""
+    name = backbone.lower().replace("qwen2.5", "qwen2")
+    architecture = next((arch for arch in ("qwen2", "llama") if "/" in name and arch in name), None)
+    return tiny[architecture] if architecture else tiny["llama"] if causal else tiny["bert"]
 
 
 def hub_chat_data_as_file(data_args: dict) -> list[str]:
