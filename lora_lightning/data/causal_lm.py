@@ -77,6 +77,32 @@ class CausalLMDataModule(TokenizedDataModule):
     ``validation_fraction`` is held out. ``max_*_samples`` count examples before packing. ``packing`` joins
     instruction/chat examples into ``block_size`` rows that attend only within each example (docs/data.md).
     ``predict_dataloader`` uses the validation split.
+
+    Args:
+        backbone: model alias or folder whose tokenizer is used (linked from ``model.init_args.backbone``).
+        source: ``hamlet`` (packaged), ``files`` (train_file/validation_file) or ``datasets`` (``pip install datasets``).
+        train_file: ``.txt`` (format text) or JSONL (formats instruction and chat); ``source: files`` only.
+        validation_file: held-out file of the same format; without it ``validation_fraction`` is held out.
+        format: ``text`` (blocks of running text), ``instruction`` (prompt/response pairs) or ``chat`` (messages).
+        prompt_field: instruction JSONL field holding the prompt.
+        response_field: instruction JSONL field holding the response (the only tokens trained on).
+        messages_field: chat JSONL field holding ``[{role, content}, ...]`` (loss on assistant turns only).
+        text_field: field of a ``datasets`` row holding the text (format text).
+        chat_template: a Jinja chat template (text or a ``.jinja`` path) for a tokenizer without one.
+        dataset: ``datasets.load_dataset`` name: a hub id, a local folder or a builder such as ``json``.
+        dataset_config: its configuration name.
+        data_files: files for a builder (one path, a list, or a dict split -> paths).
+        train_split: the ``datasets`` split to train on.
+        validation_split: the ``datasets`` split to validate on (default: hold out ``validation_fraction``).
+        packing: join short instruction/chat examples into ``block_size`` rows, each attending only to itself.
+        block_size: tokens per training row (longer examples are cut).
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size (default: batch_size).
+        num_workers: DataLoader worker processes.
+        max_train_samples: keep a seeded random subset of this many training examples.
+        max_eval_samples: keep a seeded random subset of this many validation examples.
+        validation_fraction: share of the training examples held out when there is no validation file or split.
+        seed: seed of the validation split, the subsets and the shuffling.
     """
 
     def __init__(
