@@ -213,7 +213,7 @@ class AdapterHypernet(nn.Module):
     ``generator(tokens (n, r, d), layer_ids (n,), type_ids (n,)) -> increment (n, r, d)`` (``d`` is one of the token
     sizes of that factor; its dtype is that of the module's first parameter). Replace it right after building the
     hypernet, before an optimiser exists (e.g. in a ``HyperAdaLoRAModule`` subclass's ``__init__``); start it at a
-    zero output to keep "step 0 equals AdaLoRA". See the README, "Extending lora-lightning from research code".
+    zero output to keep "step 0 equals AdaLoRA". See docs/extending.md.
     """
 
     def __init__(self, layers: dict[str, HyperMixin], mode: str = "residual", hidden: int = 64, heads: int = 4,

@@ -3,7 +3,7 @@
 A method subclasses :class:`AdapterModule` and implements :meth:`make_adapter`; it may add loss terms
 (:meth:`extra_losses`), optimiser parameter groups (:meth:`param_groups`) and the callbacks its rank
 machinery needs (``configure_callbacks``). Research code may also replace the task (loss and metrics) by
-overriding :meth:`AdapterModule.build_task` (README, "Extending lora-lightning from research code").
+overriding :meth:`AdapterModule.build_task` (docs/extending.md).
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Research code on top of lora-lightning, as a user would write it: one subclass per extension point, each
-chosen from the CLI by ``class_path`` (the tests put this folder on ``sys.path``). See the README, "Extending"."""
+chosen from the CLI by ``class_path`` (the tests put this folder on ``sys.path``). See docs/extending.md."""
 from __future__ import annotations
 
 import torch

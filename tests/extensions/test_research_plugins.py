@@ -1,5 +1,5 @@
 """Every documented extension point, used by a subclass in research_plugins.py and chosen through the CLI by
-class_path, as a research user would (README, "Extending lora-lightning from research code")."""
+class_path, as a research user would (docs/extending.md)."""
 from __future__ import annotations
 
 from pathlib import Path
