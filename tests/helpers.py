@@ -1,6 +1,10 @@
 """Helpers shared by test modules (fixtures live in conftest.py)."""
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -19,6 +23,20 @@ def random_batch(vocab_size: int = 30522, batch_size: int = 4, seq_len: int = 12
 def batch_loader(n: int, seed: int = 0) -> torch.utils.data.DataLoader:
     """``n`` ready-made random batches (see :func:`random_batch`), one per step."""
     return torch.utils.data.DataLoader([random_batch(seed=seed + i) for i in range(n)], batch_size=None)
+
+
+@contextmanager
+def one_process_group() -> Iterator[None]:
+    """Around an in-process distributed run (a 1-process ModelParallelStrategy): destroy its process group and restore
+    ``os.environ`` afterwards, so a later ``ddp_spawn`` test neither reuses its MASTER_ADDR/PORT nor its group."""
+    environment = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)
 
 
 def quiet_trainer(**kwargs):

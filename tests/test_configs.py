@@ -20,6 +20,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from lora_lightning.backbone import load_tokenizer
 from lora_lightning.cli import main as cli_main
 from lora_lightning.data import GLUE_TASKS
+from tests.helpers import one_process_group
 
 pytestmark = pytest.mark.integration
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
@@ -96,14 +97,10 @@ def test_config_runs_with_tiny_backbone(config, tiny_bert, tiny_llama, tiny_qwen
         args += glue_files(source.split("/", 1)[1], tmp_path)
     if source == "datasets":
         args += hub_chat_data_as_file(spec["data"]["init_args"])
-    sharded = "ModelParallelStrategy" in str(spec["trainer"].get("strategy"))
-    if sharded:  # one process here (2-process FSDP2 runs: tests/integration/test_fsdp2.py)
+    if "ModelParallelStrategy" in str(spec["trainer"].get("strategy")):  # one process here (2-process FSDP2 runs: tests/integration/test_fsdp2.py)
         args += ["--trainer.devices", "1", "--trainer.strategy.init_args.data_parallel_size", "1"]
-    try:
+    with one_process_group():
         cli_main(args)
-    finally:
-        if sharded and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert checkpoints, "the config's fit wrote no checkpoint"
     saved = torch.load(checkpoints[0], map_location="cpu", weights_only=False)["hyper_parameters"]

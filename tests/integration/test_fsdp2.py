@@ -11,7 +11,7 @@ from lora_lightning.export import export_checkpoint, read_peft_export
 from lora_lightning.modules import HyperAdaLoRAModule, LoRAModule
 from lora_lightning.sharding import ShardingError, transformer_blocks
 from tests.cluster.launcher import assert_same, finish, launch, write_config
-from tests.helpers import batch_loader, quiet_trainer
+from tests.helpers import batch_loader, one_process_group, quiet_trainer
 
 pytestmark = pytest.mark.integration
 
@@ -105,13 +105,12 @@ def test_rank_machinery_sharded_equals_ddp(method, tiny_bert, tmp_path):
 # ----------------------------------------------------------------- refused before training (one process, in-process)
 @pytest.fixture
 def one_process_sharded_trainer(tmp_path):
-    """A 1-process ModelParallelStrategy Trainer (gloo); its process group is destroyed afterwards."""
+    """A 1-process ModelParallelStrategy Trainer (gloo); its process group and environment are undone afterwards."""
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    yield lambda: quiet_trainer(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
-                                max_steps=1, default_root_dir=tmp_path)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    with one_process_group():
+        yield lambda: quiet_trainer(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1),
+                                    max_steps=1, default_root_dir=tmp_path)
 
 
 class SkipsSharding(LoRAModule):
