@@ -2,7 +2,7 @@
 
 A method subclasses :class:`AdapterModule` and implements :meth:`make_adapter`; it may add loss terms
 (:meth:`extra_losses`), optimiser parameter groups (:meth:`param_groups`) and the callbacks its rank
-machinery needs (``configure_callbacks``). Research code may also replace the task (loss and metrics) by
+machinery needs (:meth:`method_callbacks`; ``configure_callbacks`` installs them). Research code may also replace the task (loss and metrics) by
 overriding :meth:`AdapterModule.build_task` (docs/extending.md).
 """
 from __future__ import annotations
