@@ -97,13 +97,6 @@ def local_shard(tensor: Tensor) -> Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def full_tensor(tensor: Tensor) -> Tensor:
-    """The whole of a sharded (DTensor) ``tensor``, gathered from every process (a collective); any other as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def gathered_units(units: dict[str, RankUnit]) -> dict[str, RankUnit]:
     """``units`` with sharded (DTensor) ``P``, ``Λ``, ``Q`` replaced by whole detached copies that carry their whole
     gradient in ``.grad``, so importance and masks are computed from full tensors, identically on every process (a

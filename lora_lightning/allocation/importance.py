@@ -155,7 +155,7 @@ class ImportanceTracker:
 def orthogonal_regularizer(units: dict[str, RankUnit] | list[tuple[Tensor, Tensor]]) -> Tensor:
     """``Σ_k (‖P_kᵀP_k − I‖_F + ‖Q_k Q_kᵀ − I‖_F) / (2n)`` with the unsquared norm, as PEFT and the authors' code."""
     pairs = [(u.P, u.Q) for u in units.values()] if isinstance(units, dict) else list(units)
-    pairs = [(_whole(p), _whole(q)) for p, q in pairs]
+    pairs = [(full_tensor(p), full_tensor(q)) for p, q in pairs]
     # Matrices of one shape are stacked and done in one batched product (a handful of kernels, not 2n).
     groups: dict[tuple, list[Tensor]] = {}
     for p, q in pairs:
@@ -170,7 +170,7 @@ def orthogonal_regularizer(units: dict[str, RankUnit] | list[tuple[Tensor, Tenso
     return total / (2 * len(pairs))
 
 
-def _whole(tensor: Tensor) -> Tensor:
+def full_tensor(tensor: Tensor) -> Tensor:
     """A sharded (FSDP2 DTensor) factor gathered whole, differentiably: each process computes the same regulariser
     and its gradient flows back to its own shard. Any other tensor as it is."""
     from torch.distributed.tensor import DTensor

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from lora_lightning.callbacks.sensitivity import HessianSensitivityEstimator
-from lora_lightning.sharding import full_tensor
+from lora_lightning.allocation.importance import full_tensor
 
 
 class SignalAtStep(L.Callback):
