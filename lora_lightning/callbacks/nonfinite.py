@@ -27,8 +27,12 @@ def any_nonfinite(tensors: list[torch.Tensor], device: torch.device) -> torch.Te
     """A 0-d float tensor on ``device``: 1 when any of ``tensors`` holds a NaN or infinity, else 0 (no host sync)."""
     if not tensors:
         return torch.zeros((), device=device)
-    local = [local_shard(t.detach()) for t in tensors]  # a sharded (FSDP2) weight: this process's shard
-    return torch.stack([(~torch.isfinite(t)).any().to(device) for t in local]).any().float()
+    local = [t for t in (local_shard(t.detach()) for t in tensors) if t.numel()]  # FSDP2: this process's shard
+    if not local:
+        return torch.zeros((), device=device)
+    # one grouped kernel for all tensors: the max-abs norm is NaN/inf exactly when the tensor holds a NaN/inf
+    peaks = torch.stack([peak.float().to(device) for peak in torch._foreach_norm(local, float("inf"))])
+    return (~torch.isfinite(peaks)).any().float()
 
 
 class NonFiniteGuard(Callback):
