@@ -68,15 +68,17 @@ def check_sharded(module: nn.Module, backbone: nn.Module) -> None:
         )
 
 
-def shard_backbone(backbone: nn.Module, mesh) -> None:
+def shard_backbone(backbone: nn.Module, mesh, replicated: Iterable[nn.Parameter] = ()) -> None:
     """``fully_shard`` every transformer block of ``backbone`` over the data-parallel part of ``mesh``, then the
-    backbone itself as the root unit."""
+    backbone itself as the root unit. Parameters in ``replicated`` stay whole, plain tensors on every process
+    (FSDP2's ``ignored_params``): FSDP2 neither gathers nor reduces them, their owner reduces their gradients."""
     from torch.distributed.fsdp import fully_shard
 
     dp_mesh = data_parallel_mesh(mesh)
+    ignored = set(replicated)
     for block in reversed(transformer_blocks(backbone)):  # a block nested in another one is sharded first
-        fully_shard(block, mesh=dp_mesh)
-    fully_shard(backbone, mesh=dp_mesh)
+        fully_shard(block, mesh=dp_mesh, ignored_params=ignored)
+    fully_shard(backbone, mesh=dp_mesh, ignored_params=ignored)
 
 
 def keep_only_in_state_dict(module: nn.Module, keys: Callable[[], Iterable[str]]) -> None:

@@ -30,7 +30,7 @@ from lora_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from lora_lightning.callbacks.nonfinite import NonFiniteGuard
 from lora_lightning.modules.tasks import Task
 from lora_lightning.modules.tasks import build_task as make_task
-from lora_lightning.sharding import ShardingError, check_sharded, is_sharded, keep_only_in_state_dict, shard_backbone
+from lora_lightning.sharding import check_sharded, is_sharded, keep_only_in_state_dict, shard_backbone
 
 CHECKPOINT_KEY = "lora_lightning"
 FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
@@ -75,7 +75,6 @@ class AdapterModule(L.LightningModule):
             default).
     """
 
-    shardable: bool = True  # configure_model may shard it under ModelParallelStrategy (docs/large_models.md)
 
     def __init__(
         self,
@@ -244,14 +243,15 @@ class AdapterModule(L.LightningModule):
         the base. Other strategies: nothing to do. Idempotent (Lightning calls it for every stage)."""
         if self.device_mesh is None or is_sharded(self.backbone):
             return
-        if not self.shardable:
-            raise ShardingError(
-                f"{type(self).__name__} cannot be sharded yet (its adapters are read outside the sharded blocks); "
-                "train it with strategy 'ddp' instead of ModelParallelStrategy."
-            )
-        shard_backbone(self.backbone, self.device_mesh)
+        shard_backbone(self.backbone, self.device_mesh, replicated=self.replicated_parameters())
         keep_only_in_state_dict(self, self.adapter_state_keys)
         self.strict_loading = False
+
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """Backbone parameters that sharding must leave whole on every process: none here. A method that reads
+        adapter parameters outside the transformer blocks (HyperAdaLoRA's hypernetwork) returns them, in an order
+        that is the same on every process, and averages their gradients over the processes itself."""
+        return []
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self):

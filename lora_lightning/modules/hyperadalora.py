@@ -27,6 +27,7 @@ from lora_lightning.modules.adalora import AdaLoRAModule
 from lora_lightning.modules.base import AdapterModule
 from lora_lightning.modules.lora import LoRAModule
 from lora_lightning.settings import HypernetSettings
+from lora_lightning.sharding import is_sharded
 
 HYPERNET_GROUP = "hypernet"
 FOLDED_KEY = "hypernet_folded"
@@ -43,7 +44,6 @@ class _HypernetMixin(AdapterModule):
 
     hypernet: AdapterHypernet | None
     hypernet_settings: HypernetSettings
-    shardable = False  # the hypernet reads every adapter's base factors outside the FSDP2-sharded blocks
 
     def __init__(self, *args: Any, mode: str = "residual", hypernet_hidden: int = 64, hypernet_heads: int = 4,
                  hypernet_lr: float | None = None, hypernet_warmup: int | float = 0.1, hypernet_tokens: str = "factor",
@@ -115,19 +115,33 @@ class _HypernetMixin(AdapterModule):
     def method_callbacks(self) -> list:
         return [*super().method_callbacks(), HypernetWarmup(group_name=HYPERNET_GROUP)]
 
+    def replicated_parameters(self) -> list[nn.Parameter]:
+        """The base factors the hypernetwork reads (``residual`` mode: parameters), before any block runs: sharding
+        leaves them whole on every process (their gradients are averaged in :meth:`on_before_optimizer_step`, in
+        this order, the same on every process)."""
+        if self.hypernet is None:
+            return []
+        return [t for factors in self.hypernet.base_factors() for t in factors.values() if isinstance(t, nn.Parameter)]
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        # Gradients of the generated tensors (importance) are per process: average them as DDP averages the
-        # parameters' gradients, so every rank scores the same numbers (one all-reduce for all of them).
+        """Average over the processes, in one all-reduce, what no wrapper averages: the gradients of the generated
+        tensors (importance), so every rank scores the same numbers; and under FSDP2 sharding (no DDP wrapper) the
+        gradients of the hypernetwork and of the replicated base factors, as DDP would."""
         if self.hypernet is None or self.trainer.world_size == 1:
             return
         stores = self.hypernet.generated_grads
         keys = [(i, key) for i, store in enumerate(stores) for key in sorted(store)]
-        if not keys:
+        params = []
+        if is_sharded(self.backbone):
+            params = [p for p in [*self.hypernet.parameters(), *self.replicated_parameters()] if p.grad is not None]
+        tensors = [stores[i][key] for i, key in keys] + [p.grad for p in params]
+        if not tensors:
             return
-        grads = [stores[i][key] for i, key in keys]
-        flat = self.trainer.strategy.reduce(flatten(grads), reduce_op="mean")
-        for (i, key), grad in zip(keys, unflatten(flat, grads)):
+        reduced = unflatten(self.trainer.strategy.reduce(flatten(tensors), reduce_op="mean"), tensors)
+        for (i, key), grad in zip(keys, reduced):
             stores[i][key] = grad
+        for param, grad in zip(params, reduced[len(keys):]):
+            param.grad.copy_(grad)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         completed = self.trainer.global_step + 1  # optimiser steps done once this one is
