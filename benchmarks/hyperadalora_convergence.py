@@ -254,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-grid", type=float, nargs="+", default=None, metavar="LR",
                         help="instead: every contender at each of these learning rates on the first seed; writes "
                              "<name>_lr_grid.{json,md} with each contender's best (by final metric)")
-    parser.add_argument("--lrs-from", type=Path, default=None, metavar="JSON",
-                        help="each contender's learning rate from an --lr-grid result file")
+    parser.add_argument("--lrs-from", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="each contender's learning rate from --lr-grid result files (a grid split by --only)")
     parser.add_argument("--diagnose", action="store_true",
                         help="instead: step-0 diagnostics of every generator-based contender (token-specific share "
                              "of the encoder input, gradient energy in the feature span vs a random span)")
@@ -272,8 +272,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.target_frac is None:
         args.target_frac = TASKS[args.task]["target_frac"]
-    args.contender_lr = json.loads(args.lrs_from.read_text())["best_lr"] if args.lrs_from else None
-    args.lrs_from = str(args.lrs_from) if args.lrs_from else None
+    args.contender_lr = {name: lr for path in args.lrs_from or () for name, lr in
+                         json.loads(path.read_text())["best_lr"].items()} or None
+    args.lrs_from = [str(path) for path in args.lrs_from] if args.lrs_from else None
     return args
 
 
@@ -451,8 +452,8 @@ def report(runs, args, seeds, settings: dict[str, dict] | None = None) -> None:
 
 def lr_grid(args) -> None:
     """Every contender at every ``--lr-grid`` rate on the first seed (same batches); the best rate per contender by
-    final metric (a diverged run never wins) goes to ``<name>_lr_grid.json`` for ``--lrs-from``."""
-    spec = TASKS[args.task]
+    final metric (a diverged run never wins) goes to ``<name>_lr_grid.json`` for ``--lrs-from``, rewritten after
+    every run (an interrupted grid keeps what it measured)."""
     seed = args.seeds[0]
     train, val = draw_batches(args, seed)
     finals: dict[str, dict[str, float]] = {}
@@ -461,7 +462,13 @@ def lr_grid(args) -> None:
         for name, (cls, kwargs) in contenders(at_lr).items():
             result = run_one(cls, kwargs, train, val, args, seed)
             finals.setdefault(name, {})[f"{lr:g}"] = final_value(result)
-            print(f"lr {lr:g} {name}: final {spec['metric']} {final_value(result):.4f}", flush=True)
+            print(f"lr {lr:g} {name}: final {TASKS[args.task]['metric']} {final_value(result):.4f}", flush=True)
+            write_lr_grid(args, finals)
+
+
+def write_lr_grid(args, finals: dict[str, dict[str, float]]) -> None:
+    """The grid table and each contender's best rate (``best_lr``, read by ``--lrs-from``)."""
+    spec = TASKS[args.task]
     best = {}
     for name, by_lr in finals.items():
         winner = None
@@ -470,12 +477,14 @@ def lr_grid(args) -> None:
                 winner = lr
         best[name] = float(winner)
     header = " | ".join(f"{lr:g}" for lr in args.lr_grid)
-    lines = [f"Final {spec['metric']} after {args.steps} steps, seed {seed}, per learning rate (NaN: diverged).", "",
+    lines = [f"Final {spec['metric']} after {args.steps} steps, seed {args.seeds[0]}, per learning rate "
+             "(NaN: diverged; –: not run).", "",
              f"| method | {header} | best lr |", "|---" * (len(args.lr_grid) + 2) + "|"]
     for name, by_lr in finals.items():
-        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in by_lr.values()) + f" | {best[name]:g} |")
+        cells = [f"{by_lr[f'{lr:g}']:.4f}" if f"{lr:g}" in by_lr else "–" for lr in args.lr_grid]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {best[name]:g} |")
     markdown = "\n".join(lines)
-    print(markdown)
+    print(markdown, flush=True)
     write_results(f"{args.name}_lr_grid", {"args": vars(args), "final": finals, "best_lr": best}, markdown)
 
 

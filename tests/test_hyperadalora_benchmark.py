@@ -39,3 +39,18 @@ def test_lr_grid_picks_each_contender_best_and_lrs_from_uses_it(monkeypatch, tmp
     chosen = bench.contenders(bench.parse_args(["--lrs-from", str(tmp_path / "grid_lr_grid.json")]))
     assert {name: chosen[name][1]["learning_rate"] for name in FINALS} == best
     assert chosen["HyperAdaLoRA-triplet"][1]["hypernet_lr"] == pytest.approx(0.1 * best["HyperAdaLoRA-triplet"])
+
+
+def test_a_grid_split_by_only_is_read_back_from_both_files(monkeypatch, tmp_path):
+    def fake_run(cls, kwargs, train, val, args, seed):  # every contender best at 5e-3
+        return {"curve": [(10, 0.8 if kwargs["learning_rate"] == 5e-3 else 0.7, 1.0)], "step_times": [0.1]}
+
+    monkeypatch.setattr(bench, "draw_batches", lambda args, seed: ([], []))
+    monkeypatch.setattr(bench, "run_one", fake_run)
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    for part in FINALS:
+        bench.lr_grid(bench.parse_args(["--lr-grid", "1e-3", "5e-3", "--seeds", "0", "--only", part, "--name", part]))
+    files = [str(tmp_path / f"{part}_lr_grid.json") for part in FINALS]
+    chosen = bench.contenders(bench.parse_args(["--lrs-from", *files]))
+    assert {name: chosen[name][1]["learning_rate"] for name in FINALS} == {name: 5e-3 for name in FINALS}
+    assert chosen["LoRA"][1]["learning_rate"] == 1e-3  # in neither file: the --lora-lr default
