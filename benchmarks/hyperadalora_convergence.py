@@ -13,6 +13,9 @@ The issue-13 protocol (per task; add ``--task smollm2-hamlet --batch-size 8 --ma
 
     python benchmarks/hyperadalora_convergence.py --lr-grid 1e-3 2e-3 5e-3 1e-2 --seeds 0   # → <name>_lr_grid.json
     python benchmarks/hyperadalora_convergence.py --lrs-from benchmarks/results/hyperadalora_convergence_lr_grid.json
+
+(on 2 cores: split the grid over two processes, ``--threads 1 --only <half> --name part_a`` and ``part_b``, then
+``--merge benchmarks/results/part_a_lr_grid.json benchmarks/results/part_b_lr_grid.json`` writes the one grid file)
     python benchmarks/hyperadalora_convergence.py --lrs-from benchmarks/results/hyperadalora_convergence_lr_grid.json \
         --steps 600 --seeds 0 --only AdaLoRA HyperAdaLoRA-triplet --name hyperadalora_convergence_600
     python benchmarks/hyperadalora_convergence.py --diagnose        # step-0 generator diagnostics, a minute
@@ -353,9 +356,16 @@ def contender_settings(file_args: dict, name: str) -> dict:
 
 
 def merge(args) -> None:
-    """Combine result files; refuses contenders whose settings differ between files (other lr, ratio, ...)."""
+    """Combine result files; refuses contenders whose settings differ between files (other lr, ratio, ...).
+    Files of an ``--lr-grid`` run split by ``--only`` combine into one grid file."""
     import json
 
+    grids = [json.loads(Path(spec).read_text()) for spec in args.merge]
+    if all("best_lr" in grid for grid in grids):  # parts of one --lr-grid run, split by --only
+        for key in ("lr_grid", "steps", "task", "seeds"):
+            setattr(args, key, grids[0]["args"][key])
+        write_lr_grid(args, {name: by_lr for grid in grids for name, by_lr in grid["final"].items()})
+        return
     runs: dict[str, list[dict]] = {}
     settings: dict[str, dict] = {}
     seeds = []

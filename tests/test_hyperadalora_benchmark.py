@@ -54,3 +54,6 @@ def test_a_grid_split_by_only_is_read_back_from_both_files(monkeypatch, tmp_path
     chosen = bench.contenders(bench.parse_args(["--lrs-from", *files]))
     assert {name: chosen[name][1]["learning_rate"] for name in FINALS} == {name: 5e-3 for name in FINALS}
     assert chosen["LoRA"][1]["learning_rate"] == 1e-3  # in neither file: the --lora-lr default
+    bench.main(["--merge", *files, "--name", "grid"])  # the two parts as one grid file
+    merged = json.loads((tmp_path / "grid_lr_grid.json").read_text())
+    assert merged["best_lr"] == {name: 5e-3 for name in FINALS} and set(merged["final"]) == set(FINALS)
