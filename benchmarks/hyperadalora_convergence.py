@@ -275,10 +275,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     if args.target_frac is None:
         args.target_frac = TASKS[args.task]["target_frac"]
-    args.contender_lr = {name: lr for path in args.lrs_from or () for name, lr in
-                         json.loads(path.read_text())["best_lr"].items()} or None
+    grids = [json.loads(path.read_text()) for path in args.lrs_from or ()]
+    args.contender_lr = {name: lr for grid in grids for name, lr in grid["best_lr"].items()} or None
     args.lrs_from = [str(path) for path in args.lrs_from] if args.lrs_from else None
+    args.grid_runs = {(grid["args"]["seeds"][0], name): grid["runs"][name][f"{lr:g}"]
+                      for grid in grids if same_runs(grid["args"], vars(args))
+                      for name, lr in grid["best_lr"].items() if f"{lr:g}" in grid.get("runs", {}).get(name, {})}
     return args
+
+
+RUN_KEYS = ("task", "steps", "val_every", "val_samples", "batch_size", "max_length", "init_r", "target_r", "alpha",
+            "hypernet_lr_ratio", "hypernet_warmup", "frontload_ratio")
+
+
+def recorded(args) -> dict:
+    """The arguments a result file records (the reused grid runs are in the grid file, not repeated)."""
+    return {key: value for key, value in vars(args).items() if key != "grid_runs"}
+
+
+def same_runs(a: dict, b: dict) -> bool:
+    """Whether two argument sets give a contender the same fit (the learning rate aside): a grid run at a
+    contender's chosen rate then stands for that seed's run."""
+    return all(a.get(key) == b.get(key) for key in RUN_KEYS)
 
 
 def main(argv=None) -> None:
@@ -307,7 +325,7 @@ def main(argv=None) -> None:
         train, val = draw_batches(args, seed)
         for name, (cls, kwargs) in table.items():  # same batches for every contender of a seed
             start = time.perf_counter()
-            result = run_one(cls, kwargs, train, val, args, seed)
+            result = args.grid_runs.get((seed, name)) or run_one(cls, kwargs, train, val, args, seed)
             runs[name].append(result)
             print(f"seed {seed} {name}: final {TASKS[args.task]['metric']} {final_value(result):.4f}, "
                   f"{statistics.median(result['step_times']) * 1e3:.0f} ms/step, {time.perf_counter() - start:.0f} s",
@@ -339,7 +357,7 @@ def step_time(args) -> None:
     markdown = (f"Training step (forward + backward + AdamW step), MiniLM, batch {args.batch_size}, seq "
                 f"{args.max_length}, {args.step_time} interleaved rounds after 2 warm-up rounds.\n\n" + "\n".join(lines))
     print(markdown)
-    write_results(f"{args.name}_step_time", {"args": vars(args), "results": payload}, markdown)
+    write_results(f"{args.name}_step_time", {"args": recorded(args), "results": payload}, markdown)
 
 
 def contender_settings(file_args: dict, name: str) -> dict:
@@ -364,7 +382,7 @@ def merge(args) -> None:
     if all("best_lr" in grid for grid in grids):  # parts of one --lr-grid run, split by --only
         for key in ("lr_grid", "steps", "task", "seeds"):
             setattr(args, key, grids[0]["args"][key])
-        write_lr_grid(args, {name: by_lr for grid in grids for name, by_lr in grid["final"].items()})
+        write_lr_grid(args, {name: by_lr for grid in grids for name, by_lr in grid["runs"].items()})
         return
     runs: dict[str, list[dict]] = {}
     settings: dict[str, dict] = {}
@@ -454,7 +472,7 @@ def report(runs, args, seeds, settings: dict[str, dict] | None = None) -> None:
     print(markdown)
     for name, row in rows.items():
         row["settings"] = settings[name]
-    payload = {"args": vars(args), "seeds_done": seeds, "metric": spec["metric"], "target": target,
+    payload = {"args": recorded(args), "seeds_done": seeds, "metric": spec["metric"], "target": target,
                "reference": reference, "results": rows}
     write_results(args.name, payload, markdown)
     plot(rows, target, Path(__file__).resolve().parent / "results" / f"{args.name}.png", args.task)
@@ -466,18 +484,20 @@ def lr_grid(args) -> None:
     every run (an interrupted grid keeps what it measured)."""
     seed = args.seeds[0]
     train, val = draw_batches(args, seed)
-    finals: dict[str, dict[str, float]] = {}
+    runs: dict[str, dict[str, dict]] = {}
     for lr in args.lr_grid:
         at_lr = argparse.Namespace(**{**vars(args), "contender_lr": None, "lr": lr, "lora_lr": lr})
         for name, (cls, kwargs) in contenders(at_lr).items():
             result = run_one(cls, kwargs, train, val, args, seed)
-            finals.setdefault(name, {})[f"{lr:g}"] = final_value(result)
+            runs.setdefault(name, {})[f"{lr:g}"] = result
             print(f"lr {lr:g} {name}: final {TASKS[args.task]['metric']} {final_value(result):.4f}", flush=True)
-            write_lr_grid(args, finals)
+            write_lr_grid(args, runs)
 
 
-def write_lr_grid(args, finals: dict[str, dict[str, float]]) -> None:
-    """The grid table and each contender's best rate (``best_lr``, read by ``--lrs-from``)."""
+def write_lr_grid(args, runs: dict[str, dict[str, dict]]) -> None:
+    """The grid table and each contender's best rate (``best_lr``, read by ``--lrs-from``, which also reuses the
+    run at that rate as the seed's run: ``runs`` holds every run's curve)."""
+    finals = {name: {lr: final_value(result) for lr, result in by_lr.items()} for name, by_lr in runs.items()}
     spec = TASKS[args.task]
     best = {}
     for name, by_lr in finals.items():
@@ -495,7 +515,8 @@ def write_lr_grid(args, finals: dict[str, dict[str, float]]) -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {best[name]:g} |")
     markdown = "\n".join(lines)
     print(markdown, flush=True)
-    write_results(f"{args.name}_lr_grid", {"args": vars(args), "final": finals, "best_lr": best}, markdown)
+    write_results(f"{args.name}_lr_grid", {"args": recorded(args), "final": finals, "best_lr": best, "runs": runs},
+                  markdown)
 
 
 def diagnose(args) -> None:
@@ -522,7 +543,7 @@ def diagnose(args) -> None:
     markdown = (f"Generator diagnostics at step 0, {args.task}, {args.diagnose_batches} batches of "
                 f"{args.batch_size} (seed 0's training batches).\n\n" + "\n".join(lines))
     print(markdown)
-    write_results(f"{args.name}_diagnostics", {"args": vars(args), "results": payload}, markdown)
+    write_results(f"{args.name}_diagnostics", {"args": recorded(args), "results": payload}, markdown)
 
 
 def plot(rows, target, path: Path, task: str = "minilm-rt") -> None:

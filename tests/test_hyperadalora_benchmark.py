@@ -57,3 +57,22 @@ def test_a_grid_split_by_only_is_read_back_from_both_files(monkeypatch, tmp_path
     bench.main(["--merge", *files, "--name", "grid"])  # the two parts as one grid file
     merged = json.loads((tmp_path / "grid_lr_grid.json").read_text())
     assert merged["best_lr"] == {name: 5e-3 for name in FINALS} and set(merged["final"]) == set(FINALS)
+
+
+def test_the_grid_run_at_the_chosen_rate_stands_for_its_seed(monkeypatch, tmp_path):
+    calls = []
+
+    def fake_run(cls, kwargs, train, val, args, seed):
+        calls.append((seed, kwargs["learning_rate"]))
+        return {"curve": [(10, 0.8 if kwargs["learning_rate"] == 5e-3 else 0.7, 1.0)], "step_times": [0.1]}
+
+    monkeypatch.setattr(bench, "draw_batches", lambda args, seed: ([], []))
+    monkeypatch.setattr(bench, "run_one", fake_run)
+    monkeypatch.setattr(bench, "report", lambda runs, args, seeds: None)
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    bench.main(["--lr-grid", "1e-3", "5e-3", "--seeds", "0", "--only", "AdaLoRA", "--name", "g"])
+    calls.clear()
+    bench.main(["--lrs-from", str(tmp_path / "g_lr_grid.json"), "--seeds", "0", "1", "--only", "AdaLoRA"])
+    assert calls == [(1, 5e-3)]  # seed 0 at 5e-3 was the grid's run
+    bench.main(["--lrs-from", str(tmp_path / "g_lr_grid.json"), "--seeds", "0", "--only", "AdaLoRA", "--steps", "20"])
+    assert calls == [(1, 5e-3), (0, 5e-3)]  # another run length: not the same run, fitted again
