@@ -1,8 +1,9 @@
-"""Host memory and step time of LoRA training as the backbone grows: ours vs PEFT, four backbone setups.
+"""Host memory and step time of LoRA training as the backbone grows: ours vs PEFT, five backbone setups.
 
 Backbones: Llama-architecture models built from configs with random weights (``random_llama.SHAPES``, no
 download), saved once under ``--cache`` in fp32 and in bf16. Setups (``SETUPS``): fp32 base; bf16 base; bf16 +
-activation checkpointing; nf4 (bitsandbytes, double quantisation) + checkpointing. On this CPU the nf4 rows compute
+activation checkpointing; nf4 (bitsandbytes, double quantisation) + checkpointing; fp32 + checkpointing (the
+checkpointed per-token cost without bf16's slow CPU matmuls). On this CPU the nf4 rows compute
 in fp32 (this AVX2 CPU has no bf16 matrix support: bf16 matmuls run 5-80x slower than fp32, by shape; on a GPU
 one would compute in bf16).
 
@@ -14,20 +15,22 @@ and reports the high-water mark (weights + activations + gradients + optimiser s
 wall time of the last step. Ours and PEFT run one after the other for each row, the order flipped every row, so
 load drift on a shared machine hits both alike; the time column is their ratio.
 
-A memory model ``peak = a·params + b·tokens·layers·hidden + v·tokens·vocab + c`` is fitted per setup and side
+A memory model ``peak = a·params + b·tokens·layers·hidden + c`` is fitted per setup and side
 (least squares over the measured rows; its leave-one-out error is printed with it) and evaluated for 7B-70B models.
-A setup measured at too few token counts (bf16 here) borrows b and v from the setup that computes in fp32 with the
-same checkpointing (``PER_TOKEN_FROM``): its predictions are then upper bounds.
+A setup measured at too few token counts (bf16 here) borrows b from the setup that computes in fp32 with the same
+checkpointing (``PER_TOKEN_FROM``): its predictions are then upper bounds.
 
-The committed results (``memory_scaling.md`` is the merge of the two runs; bf16 training steps at 2 x 512 tokens
+The committed results (``memory_scaling.md`` is the merge of the three runs; bf16 training steps at 2 x 512 tokens
 took over 8 minutes at 135M here, so bf16 rows stay at 16-32 tokens):
 
     python benchmarks/memory_scaling.py --sizes 135M 0.5B 1.5B --tokens 2x512 --extra-tokens 135M:2x128 0.5B:2x128 \
         --setups fp32 'nf4 + ckpt' --steps 1 --name memory_scaling_2x512
+    python benchmarks/memory_scaling.py --sizes 135M 0.5B 1.5B --tokens 2x512 --extra-tokens 135M:2x128 0.5B:2x128 \
+        --setups 'fp32 + ckpt' --steps 1 --name memory_scaling_ckpt
     python benchmarks/memory_scaling.py --sizes 135M 0.5B --tokens 1x16 --extra-tokens 135M:1x32 \
         --setups bf16 'bf16 + ckpt' --steps 1 --name memory_scaling_bf16
     python benchmarks/memory_scaling.py --merge benchmarks/results/memory_scaling_2x512.json \
-        benchmarks/results/memory_scaling_bf16.json
+        benchmarks/results/memory_scaling_ckpt.json benchmarks/results/memory_scaling_bf16.json
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from random_llama import SHAPES, VOCAB, Setup, parameter_count, save_random_back
 
 SETUPS = {s.name: s for s in (
     Setup("fp32", "float32", False),
+    Setup("fp32 + ckpt", "float32", True),
     Setup("bf16", "bfloat16", False),
     Setup("bf16 + ckpt", "bfloat16", True),
     Setup("nf4 + ckpt", "float32", True, "nf4"),
@@ -53,13 +57,13 @@ SIDES = ("ours", "peft")
 # A bf16 setup measured at too few token counts borrows the per-token terms of the setup that computes in fp32 with
 # the same checkpointing: an upper bound (a bf16 base keeps bf16 hidden states; adapter inputs and the loss's logits
 # are fp32 in both).
-PER_TOKEN_FROM = {"bf16": "fp32", "bf16 + ckpt": "nf4 + ckpt"}
-# (params, layers, hidden, vocab) of the paper-scale models the fitted model is evaluated for
+PER_TOKEN_FROM = {"bf16": "fp32", "bf16 + ckpt": "fp32 + ckpt"}
+# (params, layers, hidden) of the paper-scale models the fitted model is evaluated for
 TARGET_MODELS = {
-    "Qwen2.5-7B": (7.62e9, 28, 3584, 152064),
-    "Llama-3.1-8B": (8.03e9, 32, 4096, 128256),
-    "Qwen2.5-32B": (32.76e9, 64, 5120, 152064),
-    "Llama-3.1-70B": (70.55e9, 80, 8192, 128256),
+    "Qwen2.5-7B": (7.62e9, 28, 3584),
+    "Llama-3.1-8B": (8.03e9, 32, 4096),
+    "Qwen2.5-32B": (32.76e9, 64, 5120),
+    "Llama-3.1-70B": (70.55e9, 80, 8192),
 }
 
 
@@ -85,46 +89,45 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     return {"peak_rss_mib": peak_rss_mb(), "loaded_rss_mib": loaded, "step_s": times, "losses": losses}
 
 
-FEATURES = ("params", "activations", "logits", "constant")
+FEATURES = ("params", "activations", "constant")
 
 
-def features(params: float, tokens: int, layers: int, hidden: int, vocab: int) -> list[float]:
-    """The memory model's inputs: parameters, activation elements (tokens·layers·hidden: a token's per-layer
-    activations scale with the width) and logits elements (tokens·vocab: the output layer's logits, their float
-    copy for the loss and its gradient do not scale with depth)."""
-    return [params, tokens * layers * hidden, tokens * vocab, 1.0]
+def features(params: float, tokens: int, layers: int, hidden: int) -> list[float]:
+    """The memory model's inputs: parameters and activation elements (tokens·layers·hidden: a token's per-layer
+    activations scale with the width). The logits (tokens·vocab) are in the per-token term at the measured
+    vocabulary; a separate term for them was tried and over-fitted 5 rows (leave-one-out error 23-40 %)."""
+    return [params, tokens * layers * hidden, 1.0]
 
 
-def least_squares(rows: list[dict[str, Any]], per_token: tuple[float, float] | None = None) -> np.ndarray:
-    """Coefficients (MiB per feature) of the memory model over ``rows``; with ``per_token`` = (b, v) given, only
-    a and c are fitted, on the peaks less those per-token terms."""
-    x = np.array([features(r["params"], r["tokens"], r["layers"], r["hidden"], r.get("vocab", VOCAB)) for r in rows])
+def least_squares(rows: list[dict[str, Any]], per_token: float | None = None) -> np.ndarray:
+    """Coefficients (MiB per feature) of the memory model over ``rows``; with ``per_token`` (b) given, only a and c
+    are fitted, on the peaks less that per-token term."""
+    x = np.array([features(r["params"], r["tokens"], r["layers"], r["hidden"]) for r in rows])
     y = np.array([r["peak_rss_mib"] for r in rows])
     if per_token is None:
         return np.linalg.lstsq(x, y, rcond=None)[0]
-    (a, c), *_ = np.linalg.lstsq(x[:, [0, 3]], y - x[:, 1:3] @ np.array(per_token), rcond=None)
-    return np.array([a, *per_token, c])
+    (a, c), *_ = np.linalg.lstsq(x[:, [0, 2]], y - x[:, 1] * per_token, rcond=None)
+    return np.array([a, per_token, c])
 
 
 def predict_mib(coef: np.ndarray, row: dict[str, Any]) -> float:
-    return float(np.dot(coef, features(row["params"], row["tokens"], row["layers"], row["hidden"],
-                                       row.get("vocab", VOCAB))))
+    return float(np.dot(coef, features(row["params"], row["tokens"], row["layers"], row["hidden"])))
 
 
-def identifiable(rows: list[dict[str, Any]], per_token: tuple[float, float] | None) -> bool:
-    """Whether ``rows`` determine the model's free terms (all four, or a and c alone when ``per_token`` is given):
-    the rows' features have full rank in those columns (4 points of different size or tokens; 2 sizes)."""
+def identifiable(rows: list[dict[str, Any]], per_token: float | None) -> bool:
+    """Whether ``rows`` determine the model's free terms (all three, or a and c alone when ``per_token`` is given):
+    the rows' features have full rank in those columns (3 points of different size or tokens; 2 sizes)."""
     if not rows:
         return False
-    x = np.array([features(r["params"], r["tokens"], r["layers"], r["hidden"], r.get("vocab", VOCAB)) for r in rows])
+    x = np.array([features(r["params"], r["tokens"], r["layers"], r["hidden"]) for r in rows])
     x = x / np.abs(x).max(axis=0)  # scale the columns: the rank test must not see magnitudes of 1e9 against 1
-    columns = [0, 1, 2, 3] if per_token is None else [0, 3]
+    columns = [0, 1, 2] if per_token is None else [0, 2]
     return int(np.linalg.matrix_rank(x[:, columns], tol=1e-9)) == len(columns)
 
 
-def fit_memory_model(rows: list[dict[str, Any]], per_token: tuple[float, float] | None = None) -> dict[str, Any] | None:
-    """Least squares ``peak_mib = a·params + b·tokens·layers·hidden + v·tokens·vocab + c`` over ``rows``: all four
-    terms when the rows determine them, else a and c alone with (b, v) = ``per_token`` taken from another setup's
+def fit_memory_model(rows: list[dict[str, Any]], per_token: float | None = None) -> dict[str, Any] | None:
+    """Least squares ``peak_mib = a·params + b·tokens·layers·hidden + c`` over ``rows``: all three terms when the
+    rows determine them, else a and c alone with b = ``per_token`` taken from another setup's
     fit (None if that is not possible either). Its error is reported on the rows it was fitted to
     (``max_abs_error``) and leave-one-out (``max_loo_error``: each row predicted by the fit to the others, over the
     rows whose removal leaves the fit determined; None if there is none), the honest one with so few rows."""
@@ -136,14 +139,14 @@ def fit_memory_model(rows: list[dict[str, Any]], per_token: tuple[float, float] 
     errors = [predict_mib(coef, r) / r["peak_rss_mib"] - 1 for r in rows]
     loo = [predict_mib(least_squares(others, per_token), r) / r["peak_rss_mib"] - 1
            for i, r in enumerate(rows) if identifiable(others := rows[:i] + rows[i + 1:], per_token)]
-    return {"bytes_per_param": coef[0] * 2**20, "bytes_per_activation": coef[1] * 2**20,
-            "bytes_per_logit": coef[2] * 2**20, "constant_mib": coef[3], "coef_mib": coef.tolist(),
+    return {"bytes_per_param": coef[0] * 2**20, "bytes_per_activation": coef[1] * 2**20, "constant_mib": coef[2],
+            "coef_mib": coef.tolist(),
             "per_token_from": None if per_token is None else "another setup", "max_abs_error": float(np.abs(errors).max()),
             "errors": errors, "max_loo_error": float(np.abs(loo).max()) if loo else None, "loo_errors": loo}
 
 
-def predict_gib(fit: dict[str, Any], params: float, tokens: int, layers: int, hidden: int, vocab: int) -> float:
-    return float(np.dot(fit["coef_mib"], features(params, tokens, layers, hidden, vocab))) / 1024
+def predict_gib(fit: dict[str, Any], params: float, tokens: int, layers: int, hidden: int) -> float:
+    return float(np.dot(fit["coef_mib"], features(params, tokens, layers, hidden))) / 1024
 
 
 def parse_tokens(text: str) -> tuple[int, int]:
@@ -167,7 +170,7 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, predict_tokens:
     for setup in sorted(SETUPS, key=lambda name: name in PER_TOKEN_FROM):  # references first
         for side in SIDES:
             reference = fits.get(f"{PER_TOKEN_FROM.get(setup)} / {side}")
-            per_token = None if reference is None else tuple(reference["coef_mib"][1:3])
+            per_token = None if reference is None else reference["coef_mib"][1]
             fit = fit_memory_model([r for r in rows if r["setup"] == setup and r["side"] == side], per_token)
             if fit is not None and fit["per_token_from"]:
                 fit["per_token_from"] = PER_TOKEN_FROM[setup]
@@ -178,13 +181,13 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, predict_tokens:
             continue
         borrowed = f" (from {fit['per_token_from']}: upper bound)" if fit["per_token_from"] else ""
         fit_rows.append([name, f"{fit['bytes_per_param']:.2f}", f"{fit['bytes_per_activation']:.2f}{borrowed}",
-                         f"{fit['bytes_per_logit']:.2f}{borrowed}", f"{fit['constant_mib']:.0f}",
+                         f"{fit['constant_mib']:.0f}",
                          f"{100 * fit['max_abs_error']:.1f} %",
                          "n/a" if fit["max_loo_error"] is None else f"{100 * fit['max_loo_error']:.1f} %"])
         for batch, block in predict_tokens:
             prediction_rows.append([name, f"{batch}x{block}", *(
-                f"{predict_gib(fit, params, batch * block, layers, hidden, vocab):.1f}"
-                for params, layers, hidden, vocab in TARGET_MODELS.values())])
+                f"{predict_gib(fit, params, batch * block, layers, hidden):.1f}"
+                for params, layers, hidden in TARGET_MODELS.values())])
     markdown = "\n\n".join([
         "# Memory scaling: ours vs PEFT (CPU host memory)",
         f"Random-weight Llama-architecture backbones, LoRA r={16} on all linear layers, AdamW, "
@@ -194,10 +197,9 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, predict_tokens:
         "machine, load average in the last column: read the ratio, not the seconds.",
         markdown_table(["size", "params", "tokens", "setup", "ours peak MiB", "PEFT peak MiB", "ours/PEFT mem",
                         "ours step s", "PEFT step s", "ours/PEFT time", "load (1 min)"], table, align="lllllrrrrrrl"),
-        "## Memory model: peak = a·params + b·(tokens·layers·hidden) + v·(tokens·vocab) + c",
-        markdown_table(["setup / side", "a (bytes/param)", "b (bytes/activation element)", "v (bytes/logit)",
-                        "c (MiB)", "max error, fitted rows", "max error, leave-one-out"], fit_rows)
-        if fit_rows else "Fewer than 5 (size, tokens) points per setup: no fit.",
+        "## Memory model: peak = a·params + b·(tokens·layers·hidden) + c",
+        markdown_table(["setup / side", "a (bytes/param)", "b (bytes/activation element)", "c (MiB)", "max error, fitted rows", "max error, leave-one-out"], fit_rows)
+        if fit_rows else "Too few (size, tokens) points per setup: no fit.",
         "## Predicted peak (GiB) at paper scale",
         markdown_table(["setup / side", "tokens", *TARGET_MODELS], prediction_rows) if prediction_rows else "–",
     ])
