@@ -34,9 +34,9 @@ def test_the_fit_recovers_the_coefficients_and_predicts_other_models():
 
 def test_too_few_token_counts_borrow_the_per_token_terms_or_give_no_fit():
     coef = [2 / 2**20, 20 / 2**20, 500.0]
-    short = rows(coef, [(SHAPES[0], 16), (SHAPES[1], 16)])  # one token count: b is not identifiable
+    short = rows(coef, [(SHAPES[0], 16), (SHAPES[0], 32), (SHAPES[1], 16)])  # b only from 16 vs 32 tokens: not fitted
     assert bench.fit_memory_model(short) is None
     fit = bench.fit_memory_model(short, per_token=coef[1])
     assert fit["bytes_per_param"] == pytest.approx(2) and fit["constant_mib"] == pytest.approx(500)
-    assert fit["per_token_from"] is not None and fit["max_loo_error"] is None  # 2 rows: none can be left out
-    assert bench.fit_memory_model(short[:1], per_token=coef[1]) is None  # one size: a is not identifiable
+    assert fit["per_token_from"] is not None and fit["max_loo_error"] < 1e-6
+    assert bench.fit_memory_model(short[:2], per_token=coef[1]) is None  # one size: a is not identifiable
