@@ -11,11 +11,12 @@ contender its own rate (the best of an ``--lr-grid`` run). Writes ``benchmarks/r
 
 The issue-13 protocol (per task; add ``--task smollm2-hamlet --batch-size 8 --max-length 128`` for Hamlet):
 
-    python benchmarks/hyperadalora_convergence.py --lr-grid 1e-3 2e-3 5e-3 1e-2 --seeds 0   # → <name>_lr_grid.json
-    python benchmarks/hyperadalora_convergence.py --lrs-from benchmarks/results/hyperadalora_convergence_lr_grid.json
+    python benchmarks/hyperadalora_convergence.py --lr-grid 1e-3 2e-3 5e-3 1e-2 --seeds 0 --jobs 2  # <name>_lr_grid.json
+    python benchmarks/hyperadalora_convergence.py --lrs-from benchmarks/results/hyperadalora_convergence_lr_grid.json \
+        --jobs 2   # seeds 0, 1, 2 at each contender's best rate (seed 0's fit is the grid's, not repeated)
 
-(on 2 cores: split the grid over two processes, ``--threads 1 --only <half> --name part_a`` and ``part_b``, then
-``--merge benchmarks/results/part_a_lr_grid.json benchmarks/results/part_b_lr_grid.json`` writes the one grid file)
+(``--jobs 2`` fits two contenders at a time, one thread each; a grid split by ``--only`` over processes combines
+with ``--merge part_a_lr_grid.json part_b_lr_grid.json``)
     python benchmarks/hyperadalora_convergence.py --lrs-from benchmarks/results/hyperadalora_convergence_lr_grid.json \
         --steps 600 --seeds 0 --only AdaLoRA HyperAdaLoRA-triplet --name hyperadalora_convergence_600
     python benchmarks/hyperadalora_convergence.py --diagnose        # step-0 generator diagnostics, a minute
@@ -30,14 +31,18 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import os
 import math
+import multiprocessing
+import os
 import statistics
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -254,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--step-time", type=int, default=0, metavar="ROUNDS",
                         help="instead: time training steps of every contender round-robin (common.interleaved_times)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="fits at a time, in worker processes of one thread each (2 on a 2-core machine)")
     parser.add_argument("--lr-grid", type=float, nargs="+", default=None, metavar="LR",
                         help="instead: every contender at each of these learning rates on the first seed; writes "
                              "<name>_lr_grid.{json,md} with each contender's best (by final metric)")
@@ -320,17 +327,42 @@ def main(argv=None) -> None:
         lr_grid(args)
         return
     table = contenders(args)
-    runs: dict[str, list[dict]] = {name: [] for name in table}
-    for done, seed in enumerate(args.seeds, 1):
-        train, val = draw_batches(args, seed)
-        for name, (cls, kwargs) in table.items():  # same batches for every contender of a seed
-            start = time.perf_counter()
-            result = args.grid_runs.get((seed, name)) or run_one(cls, kwargs, train, val, args, seed)
-            runs[name].append(result)
-            print(f"seed {seed} {name}: final {TASKS[args.task]['metric']} {final_value(result):.4f}, "
-                  f"{statistics.median(result['step_times']) * 1e3:.0f} ms/step, {time.perf_counter() - start:.0f} s",
-                  flush=True)
-        report(runs, args, args.seeds[:done])  # after every seed, so an interrupted run still leaves its numbers
+    data = {seed: draw_batches(args, seed) for seed in args.seeds}  # same batches for every contender of a seed
+    jobs = [((seed, name), cls, kwargs, seed) for seed in args.seeds for name, (cls, kwargs) in table.items()
+            if (seed, name) not in args.grid_runs]
+    results = {key: result for key, result in args.grid_runs.items() if key[0] in data and key[1] in table}
+    reported = 0
+    for (seed, name), result in fit_all(jobs, data, args):
+        results[seed, name] = result
+        print(f"seed {seed} {name}: final {TASKS[args.task]['metric']} {final_value(result):.4f}, "
+              f"{statistics.median(result['step_times']) * 1e3:.0f} ms/step", flush=True)
+        complete = 0  # seeds, in order, with every contender done: reported as soon as they are
+        while complete < len(args.seeds) and all((args.seeds[complete], n) in results for n in table):
+            complete += 1
+        if complete > reported:
+            reported = complete
+            report({n: [results[s, n] for s in args.seeds[:complete]] for n in table}, args, args.seeds[:complete])
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def fit_all(jobs: list, data: dict, args) -> Iterator[tuple[Any, dict]]:
+    """``(key, result)`` of every job ``(key, class, kwargs, seed)`` as it finishes. With ``--jobs N`` > 1, N fits
+    run at a time in worker processes (spawned, one torch thread each: contenders of a 2-core machine use both
+    cores without sharing one); the fits are the same as in one process."""
+    if args.jobs <= 1:
+        for key, cls, kwargs, seed in jobs:
+            yield key, run_one(cls, kwargs, *data[seed], args, seed)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init) as pool:
+        futures = {pool.submit(run_one, cls, kwargs, *data[seed], args, seed): key for key, cls, kwargs, seed in jobs}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
 
 
 def step_time(args) -> None:
@@ -483,15 +515,16 @@ def lr_grid(args) -> None:
     final metric (a diverged run never wins) goes to ``<name>_lr_grid.json`` for ``--lrs-from``, rewritten after
     every run (an interrupted grid keeps what it measured)."""
     seed = args.seeds[0]
-    train, val = draw_batches(args, seed)
-    runs: dict[str, dict[str, dict]] = {}
+    data = {seed: draw_batches(args, seed)}
+    jobs = []
     for lr in args.lr_grid:
         at_lr = argparse.Namespace(**{**vars(args), "contender_lr": None, "lr": lr, "lora_lr": lr})
-        for name, (cls, kwargs) in contenders(at_lr).items():
-            result = run_one(cls, kwargs, train, val, args, seed)
-            runs.setdefault(name, {})[f"{lr:g}"] = result
-            print(f"lr {lr:g} {name}: final {TASKS[args.task]['metric']} {final_value(result):.4f}", flush=True)
-            write_lr_grid(args, runs)
+        jobs += [((name, f"{lr:g}"), cls, kwargs, seed) for name, (cls, kwargs) in contenders(at_lr).items()]
+    runs: dict[str, dict[str, dict]] = {}
+    for (name, lr), result in fit_all(jobs, data, args):
+        runs.setdefault(name, {})[lr] = result
+        print(f"lr {lr} {name}: final {TASKS[args.task]['metric']} {final_value(result):.4f}", flush=True)
+        write_lr_grid(args, runs)
 
 
 def write_lr_grid(args, runs: dict[str, dict[str, dict]]) -> None:
