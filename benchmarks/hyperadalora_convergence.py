@@ -407,14 +407,20 @@ def contender_settings(file_args: dict, name: str) -> dict:
 
 def merge(args) -> None:
     """Combine result files; refuses contenders whose settings differ between files (other lr, ratio, ...).
-    Files of an ``--lr-grid`` run split by ``--only`` combine into one grid file."""
+    Files of an ``--lr-grid`` run split by ``--only`` or by rate combine into one grid file."""
     import json
 
     grids = [json.loads(Path(spec).read_text()) for spec in args.merge]
-    if all("best_lr" in grid for grid in grids):  # parts of one --lr-grid run, split by --only
-        for key in ("lr_grid", "steps", "task", "seeds"):
+    if all("best_lr" in grid for grid in grids):  # parts of one --lr-grid run, split by --only or by rate
+        for key in ("steps", "task", "seeds"):
             setattr(args, key, grids[0]["args"][key])
-        write_lr_grid(args, {name: by_lr for grid in grids for name, by_lr in grid["runs"].items()})
+        args.lr_grid = sorted({lr for grid in grids for lr in grid["args"]["lr_grid"]})
+        runs: dict[str, dict[str, dict]] = {}
+        for grid in grids:
+            for name, by_lr in grid["runs"].items():
+                runs.setdefault(name, {}).update(by_lr)
+        write_lr_grid(args, {name: dict(sorted(by_lr.items(), key=lambda item: float(item[0])))
+                             for name, by_lr in runs.items()})
         return
     runs: dict[str, list[dict]] = {}
     settings: dict[str, dict] = {}
