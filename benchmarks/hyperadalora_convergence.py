@@ -412,7 +412,7 @@ def merge(args) -> None:
 
     grids = [json.loads(Path(spec).read_text()) for spec in args.merge]
     if all("best_lr" in grid for grid in grids):  # parts of one --lr-grid run, split by --only or by rate
-        for key in ("steps", "task", "seeds"):
+        for key in ("steps", "task", "seeds", "val_every", "target_frac"):
             setattr(args, key, grids[0]["args"][key])
         args.lr_grid = sorted({lr for grid in grids for lr in grid["args"]["lr_grid"]})
         runs: dict[str, dict[str, dict]] = {}
@@ -546,12 +546,18 @@ def write_lr_grid(args, runs: dict[str, dict[str, dict]]) -> None:
                 winner = lr
         best[name] = float(winner)
     header = " | ".join(f"{lr:g}" for lr in args.lr_grid)
+    reference = runs.get("AdaLoRA", {}).get(f"{best.get('AdaLoRA', 0):g}")
+    target = None if reference is None else args.target_frac * final_value(reference)
     lines = [f"Final {spec['metric']} after {args.steps} steps, seed {args.seeds[0]}, per learning rate "
-             "(NaN: diverged; –: not run).", "",
-             f"| method | {header} | best lr |", "|---" * (len(args.lr_grid) + 2) + "|"]
+             "(NaN: diverged; –: not run). Steps to target: the first validation (every "
+             f"{args.val_every} steps) of the best-lr run at {args.target_frac:g} × AdaLoRA's best final "
+             + ("(no AdaLoRA run yet)." if target is None else f"= {target:.4f}."), "",
+             f"| method | {header} | best lr | steps to target |", "|---" * (len(args.lr_grid) + 3) + "|"]
     for name, by_lr in finals.items():
         cells = [f"{by_lr[f'{lr:g}']:.4f}" if f"{lr:g}" in by_lr else "–" for lr in args.lr_grid]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {best[name]:g} |")
+        steps = None if target is None else first_reaching(runs[name][f"{best[name]:g}"]["curve"], target,
+                                                           spec["higher"])[0]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {best[name]:g} | {'n/a' if steps is None else steps} |")
     markdown = "\n".join(lines)
     print(markdown, flush=True)
     write_results(f"{args.name}_lr_grid", {"args": recorded(args), "final": finals, "best_lr": best, "runs": runs},
