@@ -34,7 +34,7 @@ FOLDED_KEY = "hypernet_folded"
 # Default hypernet_lr = this × learning_rate. The generators' zero-initialised output projections move every
 # generated entry by about lr × Σ|hidden| per Adam step, tens of times a directly optimised factor's step: at
 # ratio 1 HyperAdaLoRA diverged, at 0.6 it sat at the majority class for 200 of 300 steps, HyperLoRA diverged at
-# 0.3; 0.1 is the largest ratio tried at which both trained (benchmarks/README.md, "HyperAdaLoRA convergence").
+# 0.3; 0.1 is the largest ratio tried at which both trained (an earlier sweep, in git history before commit 747b88d).
 DEFAULT_HYPERNET_LR_RATIO = 0.1
 
 
