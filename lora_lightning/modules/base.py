@@ -75,7 +75,6 @@ class AdapterModule(L.LightningModule):
             default).
     """
 
-
     def __init__(
         self,
         backbone: str = "minilm",
