@@ -42,3 +42,16 @@ def tiny_llama(tmp_path_factory) -> str:
         pad_token_id=tokenizer.pad_token_id,
     )
     return _save_tiny(LlamaForCausalLM(config), "smollm2", tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_rendezvous_environment():
+    """Every test starts without MASTER_ADDR/MASTER_PORT and leaves os.environ as it found it. Lightning's spawn
+    launcher writes the rendezvous port into the test process's environment; a later distributed run would reuse
+    that port while a socket of the earlier run may still hold it (EADDRINUSE), instead of picking a free one."""
+    saved = dict(os.environ)
+    for key in ("MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(key, None)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
