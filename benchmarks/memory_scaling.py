@@ -103,10 +103,15 @@ def features(params: float, tokens: int, layers: int, hidden: int) -> list[float
     return [params, tokens * layers * hidden, 1.0]
 
 
+def design(rows: list[dict[str, Any]]) -> np.ndarray:
+    """The measured rows' model inputs, one row of :func:`features` each."""
+    return np.array([features(r["params"], r["tokens"], r["layers"], r["hidden"]) for r in rows])
+
+
 def least_squares(rows: list[dict[str, Any]], per_token: float | None = None) -> np.ndarray:
     """Coefficients (MiB per feature) of the memory model over ``rows``; with ``per_token`` (b) given, only a and c
     are fitted, on the peaks less that per-token term."""
-    x = np.array([features(r["params"], r["tokens"], r["layers"], r["hidden"]) for r in rows])
+    x = design(rows)
     y = np.array([r["peak_rss_mib"] for r in rows])
     if per_token is None:
         return np.linalg.lstsq(x, y, rcond=None)[0]
@@ -115,7 +120,7 @@ def least_squares(rows: list[dict[str, Any]], per_token: float | None = None) ->
 
 
 def predict_mib(coef: np.ndarray, row: dict[str, Any]) -> float:
-    return float(np.dot(coef, features(row["params"], row["tokens"], row["layers"], row["hidden"])))
+    return float(np.dot(coef, design([row])[0]))
 
 
 def identifiable(rows: list[dict[str, Any]], per_token: float | None) -> bool:
@@ -123,7 +128,7 @@ def identifiable(rows: list[dict[str, Any]], per_token: float | None) -> bool:
     the rows' features have full rank in those columns (3 points of different size or tokens; 2 sizes)."""
     if not rows:
         return False
-    x = np.array([features(r["params"], r["tokens"], r["layers"], r["hidden"]) for r in rows])
+    x = design(rows)
     x = x / np.abs(x).max(axis=0)  # scale the columns: the rank test must not see magnitudes of 1e9 against 1
     columns = [0, 1, 2] if per_token is None else [0, 2]
     return int(np.linalg.matrix_rank(x[:, columns], tol=1e-9)) == len(columns)
