@@ -27,7 +27,6 @@ from lora_lightning.modules.adalora import AdaLoRAModule
 from lora_lightning.modules.base import AdapterModule
 from lora_lightning.modules.lora import LoRAModule
 from lora_lightning.settings import HypernetSettings
-from lora_lightning.sharding import is_sharded
 
 HYPERNET_GROUP = "hypernet"
 FOLDED_KEY = "hypernet_folded"
@@ -132,7 +131,7 @@ class _HypernetMixin(AdapterModule):
         stores = self.hypernet.generated_grads
         keys = [(i, key) for i, store in enumerate(stores) for key in sorted(store)]
         params = []
-        if is_sharded(self.backbone):
+        if self.device_mesh is not None:  # ModelParallelStrategy: sharded (check_sharded), no DDP wrapper
             params = [p for p in [*self.hypernet.parameters(), *self.replicated_parameters()] if p.grad is not None]
         tensors = [stores[i][key] for i, key in keys] + [p.grad for p in params]
         if not tensors:
