@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
+import torch
 from torch import Tensor, nn
 
 from lora_lightning.allocation.importance import RankUnit
@@ -116,3 +117,27 @@ def _whole_with_grad(tensor: Tensor) -> Tensor:
     whole = tensor.detach().full_tensor()
     whole.grad = None if tensor.grad is None else tensor.grad.full_tensor()
     return whole
+
+
+def clip_sharded_gradients_(parameters: Iterable[nn.Parameter], clip_val: float, algorithm: str = "norm") -> None:
+    """Clip the gradients of ``parameters`` as ``torch.nn.utils.clip_grad_norm_`` / ``clip_grad_value_`` would on
+    whole tensors, where some gradients are FSDP2 shards (DTensor) and others plain tensors replicated on every process
+    (which torch's clipping refuses to mix). ``norm``: the 2-norm of the whole gradient is that of the two groups'
+    norms, the sharded group's reduced over its shards (one scalar all-reduce); every gradient is scaled by
+    ``min(1, clip_val / (norm + 1e-6))``, the same on every process. ``value``: each element clamped to ±clip_val."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if algorithm == "value":
+        for grad in grads:
+            grad.clamp_(-clip_val, clip_val)
+        return
+    sharded = [g for g in grads if isinstance(g, DTensor)]
+    plain = [g for g in grads if not isinstance(g, DTensor)]
+    norms = [torch.nn.utils.get_total_norm(group) for group in (sharded, plain) if group]
+    norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+    if not norms:
+        return
+    scale = min(1.0, clip_val / (float(torch.linalg.vector_norm(torch.stack(norms))) + 1e-6))
+    for grad in grads:
+        grad.mul_(scale)

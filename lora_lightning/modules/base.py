@@ -30,7 +30,9 @@ from lora_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from lora_lightning.callbacks.nonfinite import NonFiniteGuard
 from lora_lightning.modules.tasks import Task
 from lora_lightning.modules.tasks import build_task as make_task
-from lora_lightning.sharding import check_sharded, is_sharded, keep_only_in_state_dict, shard_backbone
+from lora_lightning.sharding import (
+    check_sharded, clip_sharded_gradients_, is_sharded, keep_only_in_state_dict, shard_backbone,
+)
 
 CHECKPOINT_KEY = "lora_lightning"
 FINGERPRINT_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size")
@@ -253,6 +255,16 @@ class AdapterModule(L.LightningModule):
         return []
 
     # ----------------------------------------------------------------- optimisation
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, except under ``ModelParallelStrategy``: there trained parameters are FSDP2 shards
+        and, for the hypernetwork methods, plain replicated tensors, which torch's clipping cannot mix; the whole
+        gradient's norm is computed across both (:func:`~lora_lightning.sharding.clip_sharded_gradients_`)."""
+        if self.device_mesh is None or not gradient_clip_val:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        clip_sharded_gradients_(params, gradient_clip_val, gradient_clip_algorithm or "norm")
+
     def configure_optimizers(self):
         check_sharded(self, self.backbone)
         groups = self.param_groups()

@@ -22,6 +22,7 @@ METHODS = {
     "SensitivityLoRAModule": {"r_avg": 2, "r_min": 1, "num_batches": 2},
     "HyperAdaLoRAModule": {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "hypernet_hidden": 8,
                            "hypernet_heads": 2, "hypernet_warmup": 2},
+    "HyperLoRAModule": {"rank": 2, "hypernet_hidden": 8, "hypernet_heads": 2, "hypernet_warmup": 2},
 }
 
 
