@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_lightning.adapters.base import linear_shape
 from lora_lightning.allocation.flat import flatten, unflatten
 
 # ---------------------------------------------------------------------------------------------------- estimators
@@ -148,14 +149,6 @@ def build_estimator(name: str, **options: Any) -> SensitivityEstimator:
     return ESTIMATORS[name](**options)
 
 
-def _dims(layer: nn.Module) -> tuple[int, int]:
-    """``(d_out, d_in)``; ``Conv1D`` stores its weight as ``(d_in, d_out)``."""
-    if isinstance(layer, Conv1D):
-        d_in, d_out = layer.weight.shape
-        return d_out, d_in
-    return layer.weight.shape[0], layer.weight.shape[1]
-
-
 def weight_to_input_channels(layer: nn.Module, per_element: Tensor, weight_by_dout: bool) -> Tensor:
     """Reduce a per-element quantity shaped like ``layer.weight`` to one value per input channel:
     the mean over output rows, or their sum when ``weight_by_dout``."""
@@ -179,7 +172,7 @@ class ActivationEstimator:
         current: dict[str, Tensor | None] = {"mask": None}
 
         def make_hook(name: str, layer: nn.Module):
-            d_out, _ = _dims(layer)
+            d_out, _ = linear_shape(layer)  # not the weight's shape: a 4-bit weight is packed
 
             def hook(_module, inputs):
                 x = inputs[0].detach()

@@ -262,3 +262,20 @@ def test_sensitivity_lora_allocates_and_trains_over_a_bf16_checkpointed_nf4_base
     quiet_trainer(max_steps=2).fit(module, batch_loader(3))
     assert sum(module.allocation.values()) == 2 * len(module.allocation)
     assert all(layer.lora_B.abs().sum() > 0 for layer in module.adapters.values())  # trained from B = 0
+
+
+@needs_bnb
+def test_activation_sensitivity_weights_a_quantised_layer_by_its_output_features(tiny_bert):
+    """``weight_by_dout`` multiplies each layer's statistic by d_out, read from the layer, not from its packed
+    4-bit weight (whose shape is (d_out·d_in/2, 1))."""
+    from lora_lightning.allocation.sensitivity import build_estimator
+
+    module = LoRAModule(backbone=tiny_bert, rank=2, target_modules=["query", "dense"], quantization="nf4")
+    layers = {name: adapter.base_layer for name, adapter in adapter_layers(module.backbone).items()}
+    batches = [random_batch(seed=i) for i in range(2)]
+    plain, weighted = (build_estimator("activation")(module.backbone, layers, batches, None, weight_by_dout=flag)
+                       for flag in (False, True))
+    assert {layer.out_features for layer in layers.values()} == {32, 64}  # attention / intermediate / output
+    for name, layer in layers.items():
+        assert layer.weight.shape[1] == 1  # packed
+        torch.testing.assert_close(weighted.diagonals()[name], layer.out_features * plain.diagonals()[name])
