@@ -17,6 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_lightning.adapters.base import adapter_layers, unload_adapters
+from lora_lightning.adapters.quant import check_mergeable
 from lora_lightning.atomic import atomic_folder, check_output_folder
 from lora_lightning.backbone import load_tokenizer, locate_backbone
 from lora_lightning.checkpoint import read_checkpoint
@@ -188,6 +189,8 @@ def export_merged(module: AdapterModule, folder: str | os.PathLike, overwrite: b
     """Merge every adapter into its base weight and save the plain ``transformers`` model (safetensors) with the
     tokenizer and label names (``config.id2label``): ``transformers.pipeline(task, model=folder)`` runs it."""
     check_output_folder(folder, overwrite)
+    for name, layer in adapter_layers(module.backbone).items():  # before copying the whole backbone
+        check_mergeable(layer.base_layer, name)
     merged = unload_adapters(copy.deepcopy(module.backbone).cpu(), merge=True)
     _drop_gguf_quantizer(merged)
     if module.hparams.task == "sequence-classification" and module.label_names:

@@ -220,10 +220,13 @@ def test_quantised_classifier_head_stays_full_precision(tiny_bert):
 
 
 @needs_bnb
-def test_quantised_base_refuses_merge_and_exports_peft_for_the_fp32_base(tiny_llama, tmp_path):
+def test_quantised_base_refuses_merge_and_exports_peft_for_the_fp32_base(tiny_llama, tmp_path, monkeypatch):
     quant = build("lora", tiny_llama, quantization="nf4")
-    with pytest.raises(ValueError, match="Cannot merge an adapter into the quantised base layer"):
-        export_merged(quant, tmp_path / "merged")
+    with monkeypatch.context() as patch:  # refused before the backbone is copied
+        patch.setattr("copy.deepcopy", lambda *a, **k: pytest.fail("copied the backbone before refusing"))
+        with pytest.raises(ValueError, match="Cannot merge an adapter into the quantised base layer .*q_proj"):
+            export_merged(quant, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
     export_peft(quant, tmp_path / "peft")
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), tmp_path / "peft").eval()
     full = build("lora", tiny_llama).eval()  # the same adapter weights (seeded) on the fp32 base
