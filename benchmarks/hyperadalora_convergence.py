@@ -16,7 +16,8 @@ The issue-13 protocol (per task; add ``--task smollm2-hamlet --batch-size 8 --ma
         --jobs 2   # seeds 0, 1, 2 at each contender's best rate (seed 0's fit is the grid's, not repeated)
 
 (``--jobs 2`` fits two contenders at a time, one thread each; a grid split by ``--only`` over processes combines
-with ``--merge part_a_lr_grid.json part_b_lr_grid.json``)
+with ``--merge part_a_lr_grid.json part_b_lr_grid.json``; a merged file holds every run and records the command that
+computes it in one process, so the parts are not kept)
     python benchmarks/hyperadalora_convergence.py --lrs-from benchmarks/results/hyperadalora_convergence_lr_grid.json \
         --steps 600 --seeds 0 --only AdaLoRA HyperAdaLoRA-triplet --name hyperadalora_convergence_600
     python benchmarks/hyperadalora_convergence.py --diagnose        # step-0 generator diagnostics, a minute
@@ -53,7 +54,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from common import write_results  # noqa: E402
+from common import reproduce_command, write_results  # noqa: E402
 from lora_lightning.adapters.hyper_diagnostics import generator_diagnostics  # noqa: E402
 from lora_lightning.callbacks.nonfinite import NonFiniteTrainingError  # noqa: E402
 from lora_lightning.data import CausalLMDataModule, TextClassificationDataModule  # noqa: E402
@@ -296,8 +297,9 @@ RUN_KEYS = ("task", "steps", "val_every", "val_samples", "batch_size", "max_leng
 
 
 def recorded(args) -> dict:
-    """The arguments a result file records (the reused grid runs are in the grid file, not repeated)."""
-    return {key: value for key, value in vars(args).items() if key != "grid_runs"}
+    """The arguments a result file records (the reused grid runs are in the grid file, not repeated; a merged
+    file's parts are not kept: its command computes it in one process)."""
+    return {key: value for key, value in vars(args).items() if key not in ("grid_runs", "merge")}
 
 
 def same_runs(a: dict, b: dict) -> bool:
@@ -412,19 +414,24 @@ def merge(args) -> None:
 
     grids = [json.loads(Path(spec).read_text()) for spec in args.merge]
     if all("best_lr" in grid for grid in grids):  # parts of one --lr-grid run, split by --only or by rate
-        for key in ("steps", "task", "seeds", "val_every", "target_frac"):
-            setattr(args, key, grids[0]["args"][key])
+        for path, grid in zip(args.merge, grids):
+            if not same_runs(grid["args"], grids[0]["args"]) or grid["args"]["seeds"][:1] != grids[0]["args"]["seeds"][:1]:
+                raise SystemExit(f"{path} ran other settings than {args.merge[0]}: not parts of one grid.")
+        for key in (*RUN_KEYS, "seeds", "target_frac"):
+            setattr(args, key, grids[0]["args"].get(key))
         args.lr_grid = sorted({lr for grid in grids for lr in grid["args"]["lr_grid"]})
         runs: dict[str, dict[str, dict]] = {}
         for grid in grids:
             for name, by_lr in grid["runs"].items():
                 runs.setdefault(name, {}).update(by_lr)
+        command = one_process_command(args, lr_grid=args.lr_grid, seeds=args.seeds[:1], only=contenders_of(runs),
+                                      jobs=[2])
         write_lr_grid(args, {name: dict(sorted(by_lr.items(), key=lambda item: float(item[0])))
-                             for name, by_lr in runs.items()})
+                             for name, by_lr in runs.items()}, command)
         return
     runs: dict[str, list[dict]] = {}
     settings: dict[str, dict] = {}
-    seeds = []
+    seeds, grid_files = [], []
     for spec in args.merge:
         path, _, names = spec.partition(":")
         data = json.loads(Path(path).read_text())
@@ -444,11 +451,40 @@ def merge(args) -> None:
         for key in ("steps", "val_every", "val_samples", "batch_size", "max_length", "target_frac"):
             setattr(args, key, data["args"][key])
         args.task = data["args"].get("task", "minilm-rt")
+        grid_files += data["args"].get("lrs_from") or []
     args.seeds = sorted(set(seeds))  # files may split one seed's contenders
-    report(runs, args, args.seeds, settings)
+    args.lrs_from = sorted(set(grid_files)) or None
+    command = one_process_command(args, lrs_from=args.lrs_from, seeds=args.seeds, only=contenders_of(runs),
+                                  jobs=[2])
+    report(runs, args, args.seeds, settings, command)
 
 
-def report(runs, args, seeds, settings: dict[str, dict] | None = None) -> None:
+def contenders_of(runs: dict) -> list[str]:
+    """The contenders present in ``runs``, in the benchmark's order."""
+    every = contenders(argparse.Namespace(**{**vars(build_parser().parse_args([])), "only": None}))
+    return [name for name in every if name in runs]
+
+
+def one_process_command(args, **options) -> str:
+    """The command that computes a merged result in one process (its parts ran split over processes, by contender,
+    seed or rate): the run settings that differ from the defaults, then ``options`` (option → list of values)."""
+    defaults = vars(build_parser().parse_args([]))
+
+    def text(value) -> str:
+        return f"{value:g}" if isinstance(value, float) else str(value)
+
+    argv = [__file__]
+    for key in (*RUN_KEYS, "target_frac"):
+        value = getattr(args, key, None)
+        if value is not None and value != defaults[key] and not (key == "target_frac" and value == TASKS[args.task][key]):
+            argv += [f"--{key.replace('_', '-')}", text(value)]
+    for key, values in options.items():
+        if values:
+            argv += [f"--{key.replace('_', '-')}", *map(text, values)]
+    return reproduce_command(argv)
+
+
+def report(runs, args, seeds, settings: dict[str, dict] | None = None, command: str | None = None) -> None:
     if settings is None:
         settings = {name: {"class": cls.__name__, **kwargs} for name, (cls, kwargs) in contenders(args).items()}
     spec = TASKS[args.task]
@@ -512,7 +548,7 @@ def report(runs, args, seeds, settings: dict[str, dict] | None = None) -> None:
         row["settings"] = settings[name]
     payload = {"args": recorded(args), "seeds_done": seeds, "metric": spec["metric"], "target": target,
                "reference": reference, "results": rows}
-    write_results(args.name, payload, markdown)
+    write_results(args.name, payload, markdown, command)
     plot(rows, target, Path(__file__).resolve().parent / "results" / f"{args.name}.png", args.task)
 
 
@@ -533,7 +569,7 @@ def lr_grid(args) -> None:
         write_lr_grid(args, runs)
 
 
-def write_lr_grid(args, runs: dict[str, dict[str, dict]]) -> None:
+def write_lr_grid(args, runs: dict[str, dict[str, dict]], command: str | None = None) -> None:
     """The grid table and each contender's best rate (``best_lr``, read by ``--lrs-from``, which also reuses the
     run at that rate as the seed's run: ``runs`` holds every run's curve)."""
     finals = {name: {lr: final_value(result) for lr, result in by_lr.items()} for name, by_lr in runs.items()}
@@ -561,7 +597,7 @@ def write_lr_grid(args, runs: dict[str, dict[str, dict]]) -> None:
     markdown = "\n".join(lines)
     print(markdown, flush=True)
     write_results(f"{args.name}_lr_grid", {"args": recorded(args), "final": finals, "best_lr": best, "runs": runs},
-                  markdown)
+                  markdown, command)
 
 
 def diagnose(args) -> None:

@@ -57,6 +57,17 @@ def test_a_grid_split_by_only_is_read_back_from_both_files(monkeypatch, tmp_path
     bench.main(["--merge", *files, "--name", "grid"])  # the two parts as one grid file
     merged = json.loads((tmp_path / "grid_lr_grid.json").read_text())
     assert merged["best_lr"] == {name: 5e-3 for name in FINALS} and set(merged["final"]) == set(FINALS)
+    # its command computes it in one process (the parts can go): same grid, same choice
+    assert merged["command"] == ("python benchmarks/hyperadalora_convergence.py --lr-grid 0.001 0.005 --seeds 0 "
+                                 "--only AdaLoRA HyperAdaLoRA-triplet --jobs 2")
+    bench.main([*merged["command"].split()[2:], "--jobs", "1", "--name", "one"])
+    again = json.loads((tmp_path / "one_lr_grid.json").read_text())
+    assert again["final"] == merged["final"] and again["best_lr"] == merged["best_lr"]
+    # a part that ran other settings is not part of the same grid
+    bench.lr_grid(bench.parse_args(["--lr-grid", "2e-3", "--seeds", "0", "--only", "LoRA", "--steps", "20",
+                                    "--name", "short"]))
+    with pytest.raises(SystemExit, match="short_lr_grid.json ran other settings"):
+        bench.main(["--merge", *files, str(tmp_path / "short_lr_grid.json"), "--name", "bad"])
 
 
 def test_the_grid_run_at_the_chosen_rate_stands_for_its_seed(monkeypatch, tmp_path):
@@ -76,3 +87,26 @@ def test_the_grid_run_at_the_chosen_rate_stands_for_its_seed(monkeypatch, tmp_pa
     assert calls == [(1, 5e-3)]  # seed 0 at 5e-3 was the grid's run
     bench.main(["--lrs-from", str(tmp_path / "g_lr_grid.json"), "--seeds", "0", "--only", "AdaLoRA", "--steps", "20"])
     assert calls == [(1, 5e-3), (0, 5e-3)]  # another run length: not the same run, fitted again
+
+
+def test_seeds_run_in_parts_merge_into_one_file_whose_command_runs_them_together(monkeypatch, tmp_path):
+    def fake_run(cls, kwargs, train, val, args, seed):  # best at 5e-3; each seed its own curve
+        return {"curve": [(10, 0.6 + seed / 100, 1.0), (20, 0.7 + seed / 100 + kwargs["learning_rate"], 2.0)],
+                "step_times": [0.1]}
+
+    monkeypatch.setattr(bench, "draw_batches", lambda args, seed: ([], []))
+    monkeypatch.setattr(bench, "run_one", fake_run)
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    monkeypatch.setattr(bench, "plot", lambda *args: None)
+    bench.main(["--lr-grid", "1e-3", "5e-3", "--seeds", "0", "--only", "AdaLoRA", "LoRA", "--name", "g"])
+    grid = str(tmp_path / "g_lr_grid.json")
+    for seed in ("1", "2"):
+        bench.main(["--lrs-from", grid, "--seeds", seed, "--only", "AdaLoRA", "LoRA", "--name", f"s{seed}"])
+    bench.main(["--merge", str(tmp_path / "s1.json"), str(tmp_path / "s2.json"), "--name", "merged"])
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["command"] == (f"python benchmarks/hyperadalora_convergence.py --lrs-from {grid} --seeds 1 2 "
+                                 "--only LoRA AdaLoRA --jobs 2")
+    assert merged["results"]["AdaLoRA"]["final_per_seed"] == [pytest.approx(0.715), pytest.approx(0.725)]
+    bench.main([*merged["command"].split()[2:], "--jobs", "1", "--name", "together"])
+    together = json.loads((tmp_path / "together.json").read_text())
+    assert together["results"]["AdaLoRA"]["final_per_seed"] == merged["results"]["AdaLoRA"]["final_per_seed"]
