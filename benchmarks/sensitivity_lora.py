@@ -152,7 +152,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--methods", nargs="+",
                         default=["lora", "sens-activation", "sens-fisher", "sens-hutchinson", "adalora"])
-    parser.add_argument("--merge", nargs="+", help="only summarise these *.partial.json files (runs split over processes)")
+    parser.add_argument("--merge", nargs="+", help="only summarise the runs of these files (runs split over processes: "
+                        "*.partial.json or result files); the result records the command that runs them in one")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--name", default="sensitivity_lora_minilm_rotten_tomatoes")
     args = parser.parse_args()
@@ -163,8 +164,10 @@ def main() -> None:
     runs = []
     if args.merge:
         for path in args.merge:
-            runs.extend(json.loads(Path(path).read_text()))
+            content = json.loads(Path(path).read_text())
+            runs.extend(content["runs"] if isinstance(content, dict) else content)  # a result file or a partial one
         args.seeds = sorted({r["seed"] for r in runs})
+        methods = list(dict.fromkeys(r["method"] for r in runs))
     for seed in [] if args.merge else args.seeds:
         for method in methods:
             runs.append(run(method, seed, args.steps))
@@ -174,7 +177,9 @@ def main() -> None:
 
     table, summary = summarise(runs, args.steps, args.seeds)
     print(table)
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *sys.argv[1:]])
+    argv = sys.argv[1:] if not args.merge else [  # the one command that computes the merged runs
+        "--seeds", *map(str, args.seeds), "--steps", str(args.steps), "--methods", *methods, "--name", args.name]
+    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *argv])
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": args.name, "command": command, "summary": summary, "runs": runs,
@@ -183,6 +188,7 @@ def main() -> None:
     }
     (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{args.name}.md").write_text(f"{table}\n\nReproduce (from the repository root):\n\n```\n{command}\n```\n")
+    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)  # its runs are in the result file now
 
 
 if __name__ == "__main__":
