@@ -113,6 +113,7 @@ def contenders(args) -> dict[str, tuple[type, dict]]:
         "HyperAdaLoRA-triplet-frontload": (HyperAdaLoRAModule, frontload(hypernet_tokens="triplet"), args.lr),
         "AdaLoRA-lambda-boost": (AdaLoRAModule, boosted, args.lr),
         "HyperLoRA": (HyperLoRAModule, hyper(lora), lora_lr),
+        "HyperLoRA-gradrms": (HyperLoRAModule, hyper(lora, hypernet_scaling="grad_rms"), lora_lr),
     }
     lrs = getattr(args, "contender_lr", None) or {}
     return {name: (cls, build(lrs.get(name, default))) for name, (cls, build, default) in builders.items()
