@@ -114,6 +114,7 @@ def contenders(args) -> dict[str, tuple[type, dict]]:
         "AdaLoRA-lambda-boost": (AdaLoRAModule, boosted, args.lr),
         "HyperLoRA": (HyperLoRAModule, hyper(lora), lora_lr),
         "HyperLoRA-gradrms": (HyperLoRAModule, hyper(lora, hypernet_scaling="grad_rms"), lora_lr),
+        "HyperLoRA-triplet": (HyperLoRAModule, hyper(lora, hypernet_tokens="triplet"), lora_lr),
     }
     lrs = getattr(args, "contender_lr", None) or {}
     return {name: (cls, build(lrs.get(name, default))) for name, (cls, build, default) in builders.items()
