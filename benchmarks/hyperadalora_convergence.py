@@ -414,7 +414,7 @@ def merge(args) -> None:
     Files of an ``--lr-grid`` run split by ``--only`` or by rate combine into one grid file."""
     import json
 
-    grids = [json.loads(Path(spec).read_text()) for spec in args.merge]
+    grids = [json.loads(Path(spec.partition(":")[0]).read_text()) for spec in args.merge]  # PATH[:NAME,...]
     if all("best_lr" in grid for grid in grids):  # parts of one --lr-grid run, split by --only or by rate
         for path, grid in zip(args.merge, grids):
             if not same_runs(grid["args"], grids[0]["args"]) or grid["args"]["seeds"][:1] != grids[0]["args"]["seeds"][:1]:
