@@ -9,7 +9,8 @@ final accuracy; perplexity ≤ ``--target-frac`` (1.05) × AdaLoRA's), the final
 ``--lora-lr``, every generator at ``--hypernet-lr-ratio`` × its contender's rate, unless ``--lrs-from`` gives each
 contender its own rate (the best of an ``--lr-grid`` run). Writes ``benchmarks/results/<name>.{json,md,png}``.
 
-The issue-13 protocol (per task; add ``--task smollm2-hamlet --batch-size 8 --max-length 128`` for Hamlet):
+The issue-13 protocol (per task; add ``--task smollm2-hamlet --batch-size 4 --max-length 64`` for Hamlet, ~25 min per
+fit on one of two shared CPU cores):
 
     python benchmarks/hyperadalora_convergence.py --lr-grid 1e-3 2e-3 5e-3 1e-2 --seeds 0 --jobs 2  # <name>_lr_grid.json
     python benchmarks/hyperadalora_convergence.py --lrs-from benchmarks/results/hyperadalora_convergence_lr_grid.json \
@@ -19,7 +20,8 @@ The issue-13 protocol (per task; add ``--task smollm2-hamlet --batch-size 8 --ma
 with ``--merge part_a_lr_grid.json part_b_lr_grid.json``; a merged file holds every run and records the command that
 computes it in one process, so the parts are not kept)
     python benchmarks/hyperadalora_convergence.py --lrs-from benchmarks/results/hyperadalora_convergence_lr_grid.json \
-        --steps 600 --seeds 0 --only AdaLoRA HyperAdaLoRA-triplet --name hyperadalora_convergence_600
+        --steps 600 --seeds 0 --only AdaLoRA HyperAdaLoRA-triplet-frontload AdaLoRA-lambda-boost \
+        --name hyperadalora_convergence_600
     python benchmarks/hyperadalora_convergence.py --diagnose        # step-0 generator diagnostics, a minute
 
     python benchmarks/hyperadalora_convergence.py --steps 20 --seeds 0 # a smoke run
@@ -421,11 +423,11 @@ def merge(args) -> None:
                 raise SystemExit(f"{path} ran other settings than {args.merge[0]}: not parts of one grid.")
         for key in (*RUN_KEYS, "seeds", "target_frac"):
             setattr(args, key, grids[0]["args"].get(key))
-        args.lr_grid = sorted({lr for grid in grids for lr in grid["args"]["lr_grid"]})
         runs: dict[str, dict[str, dict]] = {}
         for grid in grids:
             for name, by_lr in grid["runs"].items():
                 runs.setdefault(name, {}).update(by_lr)
+        args.lr_grid = sorted({float(lr) for by_lr in runs.values() for lr in by_lr})  # the rates a part finished
         command = one_process_command(args, lr_grid=args.lr_grid, seeds=args.seeds[:1], only=contenders_of(runs),
                                       jobs=[2])
         write_lr_grid(args, {name: dict(sorted(by_lr.items(), key=lambda item: float(item[0])))
