@@ -445,7 +445,7 @@ def merge(args) -> None:
             raise SystemExit(f"{path} has no results for {missing}; it has {list(data['results'])}.")
         seeds += data.get("seeds_done") or data["args"]["seeds"]
         for name in wanted:
-            these = contender_settings(data["args"], name)
+            these = data["results"][name].get("settings") or contender_settings(data["args"], name)  # as recorded
             if settings.setdefault(name, these) != these:
                 raise SystemExit(f"{name} in {path} ran with {these}, elsewhere with {settings[name]}: not mergeable.")
             row = data["results"][name]
