@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -33,6 +32,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+
+from common import reproduce_command  # benchmarks/ is the script's folder, first on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -179,7 +180,7 @@ def main() -> None:
     print(table)
     argv = sys.argv[1:] if not args.merge else [  # the one command that computes the merged runs
         "--seeds", *map(str, args.seeds), "--steps", str(args.steps), "--methods", *methods, "--name", args.name]
-    command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO), *argv])
+    command = reproduce_command([__file__, *argv])
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {
         "benchmark": args.name, "command": command, "summary": summary, "runs": runs,
