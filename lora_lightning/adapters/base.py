@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
@@ -38,6 +39,39 @@ def check_alpha(alpha: float) -> float:
         raise ValueError(f"alpha must be > 0 (the adapter's update is scaled by alpha; {alpha} makes it do nothing "
                          "or flips it). A common choice is alpha = 2 * rank.")
     return alpha
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """``F.linear(x.to(weight.dtype), weight)`` that keeps ``x`` in its own, narrower dtype for the backward.
+
+    The plain path saves the upcast copy: on a bf16 base every fp32 adapter would hold an fp32 copy of its layer's
+    input until the backward (twice the bytes of the input, and one copy per adapted layer where q, k and v share a
+    single bf16 input). The upcast is exact, so the gradients are the plain path's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.linear(x.to(weight.dtype), weight)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        x, weight = ctx.saved_tensors
+        grad_x = (grad @ weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        return grad_x, grad_weight
+
+
+def low_rank_output(x: Tensor, first: Tensor, second: Tensor) -> Tensor:
+    """``second · (first · x)`` in the factors' dtype (fp32), for ``x`` of any dtype; an ``x`` narrower than the
+    factors is kept narrow for the backward (:class:`_UpcastLinear`). Under autocast the plain path runs (autocast
+    casts the factors down, and saves narrow copies itself)."""
+    device = x.device.type
+    autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    if x.dtype == first.dtype or not torch.is_grad_enabled() or autocast:
+        return F.linear(F.linear(x.to(first.dtype), first), second)
+    return F.linear(_UpcastLinear.apply(x, first), second)
 
 
 class AdapterLayer(nn.Module):

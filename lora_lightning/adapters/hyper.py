@@ -25,10 +25,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_lightning.adapters.base import AdapterLayer, adapter_layers
+from lora_lightning.adapters.base import AdapterLayer, adapter_layers, low_rank_output
 from lora_lightning.adapters.lora import LoRALinear
 from lora_lightning.adapters.names import module_position
 from lora_lightning.adapters.svd import SVDLinear
@@ -197,8 +196,7 @@ class HyperLoRALinear(HyperMixin, LoRALinear):
 
     def unscaled_output(self, x: Tensor) -> Tensor:
         g = self.generated()
-        x = self.dropout(x).to(g["lora_A"].dtype)
-        return F.linear(F.linear(x, g["lora_A"]), g["lora_B"])
+        return low_rank_output(self.dropout(x), g["lora_A"], g["lora_B"])
 
 
 # ---------------------------------------------------------------------------------------------- the hypernetwork

@@ -13,10 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_lightning.adapters.base import AdapterLayer, check_alpha
+from lora_lightning.adapters.base import AdapterLayer, check_alpha, low_rank_output
 
 
 class LoRALinear(AdapterLayer):
@@ -53,8 +52,7 @@ class LoRALinear(AdapterLayer):
         return self.lora_A, self.lora_B, self.scaling
 
     def unscaled_output(self, x: Tensor) -> Tensor:
-        x = self.dropout(x).to(self.lora_A.dtype)
-        return F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return low_rank_output(self.dropout(x), self.lora_A, self.lora_B)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}"

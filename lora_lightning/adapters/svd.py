@@ -8,10 +8,9 @@ triplet contributes zero through the multiplication. The scale stays α / r_init
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lora_lightning.adapters.base import AdapterLayer, check_alpha
+from lora_lightning.adapters.base import AdapterLayer, check_alpha, low_rank_output
 
 
 class SVDLinear(AdapterLayer):
@@ -56,8 +55,7 @@ class SVDLinear(AdapterLayer):
 
     def unscaled_output(self, x: Tensor) -> Tensor:
         p, singular_values, q = self.factors()
-        x = self.dropout(x).to(q.dtype)
-        return F.linear(F.linear(x, q * singular_values.unsqueeze(1)), p)
+        return low_rank_output(self.dropout(x), q * singular_values.unsqueeze(1), p)
 
     def extra_repr(self) -> str:
         return f"max_rank={self.max_rank}, alpha={self.alpha}"
