@@ -44,6 +44,17 @@ def test_a_step_counted_on_meta_equals_the_real_step(tmp_path, side, setup):
     assert real["peak_bytes"] - real["at_rest_bytes"] > 64 * 49152 * 4
 
 
+def test_on_a_bf16_base_our_adapters_hold_less_than_peft(tmp_path):
+    """PEFT's fp32 adapters save an fp32 copy of each adapted layer's bf16 input for the backward; ours keep the bf16
+    input (adapters.base.low_rank_output): at least one fp32 copy of the residual stream per block less."""
+    pytest.importorskip("peft")
+    folder = save_random_backbone("tiny", tmp_path / "tiny", torch.bfloat16)
+    ours, peft = (memory_accounting.count_step(folder, side, "bf16", batch=2, block=128, meta=False)["peak_bytes"]
+                  for side in ("ours", "peft"))
+    hidden, layers = 64, 2  # random_llama.SHAPES["tiny"]
+    assert peft - ours >= 2 * 128 * hidden * 4 * layers
+
+
 def test_the_meta_build_refuses_a_quantised_base(tmp_path):
     from transformers import AutoModelForCausalLM
 
