@@ -65,11 +65,11 @@ class _UpcastLinear(torch.autograd.Function):
 
 def low_rank_output(x: Tensor, first: Tensor, second: Tensor) -> Tensor:
     """``second · (first · x)`` in the factors' dtype (fp32), for ``x`` of any dtype; an ``x`` narrower than the
-    factors is kept narrow for the backward (:class:`_UpcastLinear`). Under autocast the plain path runs (autocast
-    casts the factors down, and saves narrow copies itself)."""
+    factors is kept narrow for the backward (:class:`_UpcastLinear`); an ``x`` as wide takes the plain path, and so
+    does autocast (it casts the factors down, and saves narrow copies itself)."""
     device = x.device.type
     autocast = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
-    if x.dtype == first.dtype or not torch.is_grad_enabled() or autocast:
+    if x.element_size() >= first.element_size() or not torch.is_grad_enabled() or autocast:
         return F.linear(F.linear(x.to(first.dtype), first), second)
     return F.linear(_UpcastLinear.apply(x, first), second)
 
