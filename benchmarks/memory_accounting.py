@@ -134,7 +134,8 @@ def gib(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f}"
 
 
-def report(rows: list[dict[str, Any]], checks: list[dict[str, Any]], name: str, command: str | None = None) -> None:
+def report(rows: list[dict[str, Any]], checks: list[dict[str, Any]], name: str, recorded: dict | None = None) -> None:
+    """Write ``results/<name>``; ``recorded``: the command and environment of a result file being re-reported."""
     by_key = {(r["model"], r["tokens"], r["setup"], r["side"]): r for r in rows}
     table, gpu_rows, ratio_rows = [], [], []
     for (model, tokens, setup, side), ours in by_key.items():
@@ -151,43 +152,54 @@ def report(rows: list[dict[str, Any]], checks: list[dict[str, Any]], name: str, 
             fp32 = by_key[(model, tokens, "fp32", "ours")]
             ratio_rows.append([model, tokens, gib(fp32["peak_bytes"]), gib(ours["peak_bytes"]),
                                f"{fp32['peak_bytes'] / ours['peak_bytes']:.2f}"])
-    check_rows = [[c["size"], c["tokens"], c["setup"], c["side"], c["real_bytes"], c["meta_bytes"],
-                   "yes" if c["real_bytes"] == c["meta_bytes"] else "NO"] for c in checks]
-    markdown = "\n\n".join(filter(None, [
+    check_rows = [[c["size"], c["tokens"], c["setup"], c["side"], c["real_bytes"], c["meta_bytes"] or "–",
+                   "real only" if c["meta_bytes"] is None else "yes" if c["real_bytes"] == c["meta_bytes"] else "NO"]
+                  for c in checks]
+    sections = [
         "# Peak tensor memory of one LoRA training step, ours vs PEFT (counted on the meta device)",
         "Bytes of tensor storage alive at the step's peak (weights, adapters, saved activations, gradients, AdamW "
         "state, temporaries), counted op by op (`benchmarks/tensor_memory.py`) for LoRA r=16 on all linear layers, "
         "one step of forward + loss + backward + AdamW. This is what `torch.cuda.max_memory_allocated` reports; a "
         "GPU also holds the CUDA context and kernel workspaces (about 0.5–1 GiB) and its allocator's cache, not "
         "counted here. No GPU figure here was measured.",
-        "## Counted on meta vs real tensors (same step, real compute on this CPU)" if checks else "",
-        markdown_table(["size", "tokens", "setup", "side", "real bytes", "meta bytes", "equal"], check_rows,
-                       align="llllrrl") if checks else "",
-        "## Peak per step (GiB)",
-        markdown_table(["model", "params", "tokens", "setup", "ours peak", "PEFT peak", "ours/PEFT", "ours at rest"],
-                       table, align="llllrrrr"),
-        "## Memory model: peak = a·params + b·tokens·layers·hidden + c·tokens·layers·mlp + d·tokens·vocab + e",
-        "Fitted per setup to our 135M–1.5B rows only; the last column is its error on the paper models' counted "
-        "peaks (7B–70B, other vocabularies and widths), which it did not see.",
-        markdown_table(["setup", "a (bytes/param)", "b (bytes)", "c (bytes)", "d (bytes)", "e (MiB)",
-                        "max error, fitted rows", "max error, paper models"], memory_model(rows), align="lrrrrrrr"),
-        "## bf16 base + checkpointing vs fp32 base (ours)",
-        markdown_table(["model", "tokens", "fp32 peak", "bf16 + ckpt peak", "fp32 / (bf16 + ckpt)"], ratio_rows,
-                       align="llrrr"),
-        "## Smallest single GPU (ours), counted peak ≤ 90 % of its memory",
-        markdown_table(["model", "tokens", "setup", "peak GiB", "GPU"], gpu_rows, align="lllrl"),
-    ]))
-    write_results(name, {"rows": rows, "checks": checks, "paper_models": PAPER_MODELS}, markdown, command)
+    ]
+    if checks:
+        sections += ["## Counted on meta vs real tensors (same step, real compute on this CPU)",
+                     markdown_table(["size", "tokens", "setup", "side", "real bytes", "meta bytes", "equal"],
+                                    check_rows, align="llllrrl")]
+    if rows:
+        sections += [
+            "## Peak per step (GiB)",
+            markdown_table(["model", "params", "tokens", "setup", "ours peak", "PEFT peak", "ours/PEFT",
+                            "ours at rest"], table, align="llllrrrr"),
+            "## Memory model: peak = a·params + b·tokens·layers·hidden + c·tokens·layers·mlp + d·tokens·vocab + e",
+            "Fitted per setup to our 135M–1.5B rows only; the last column is its error on the paper models' counted "
+            "peaks (7B–70B, other vocabularies and widths), which it did not see.",
+            markdown_table(["setup", "a (bytes/param)", "b (bytes)", "c (bytes)", "d (bytes)", "e (MiB)",
+                            "max error, fitted rows", "max error, paper models"], memory_model(rows),
+                           align="lrrrrrrr"),
+            "## bf16 base + checkpointing vs fp32 base (ours)",
+            markdown_table(["model", "tokens", "fp32 peak", "bf16 + ckpt peak", "fp32 / (bf16 + ckpt)"], ratio_rows,
+                           align="llrrr"),
+            "## Smallest single GPU (ours), counted peak ≤ 90 % of its memory",
+            markdown_table(["model", "tokens", "setup", "peak GiB", "GPU"], gpu_rows, align="lllrl"),
+        ]
+    markdown = "\n\n".join(sections)
+    recorded = recorded or {}
+    write_results(name, {"rows": rows, "checks": checks, "paper_models": PAPER_MODELS,
+                         "environment": recorded.get("environment")}, markdown, recorded.get("command"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["135M", "0.5B", "1.5B", *PAPER_MODELS],
+    parser.add_argument("--models", nargs="*", default=["135M", "0.5B", "1.5B", *PAPER_MODELS],
                         choices=[*SHAPES, *PAPER_MODELS])
     parser.add_argument("--tokens", nargs="+", default=["2x512", "2x2048", "4x2048"], metavar="BxT")
     parser.add_argument("--setups", nargs="+", default=COUNTED_SETUPS, choices=COUNTED_SETUPS)
     parser.add_argument("--validate", nargs="*", default=[], metavar="SIZE:BxT",
-                        help="count these random-Llama rows on real tensors too (fp32 and fp32 + ckpt)")
+                        help="count these random-Llama rows on real tensors and on meta, in --validate-setups")
+    parser.add_argument("--validate-setups", nargs="+", default=["fp32", "fp32 + ckpt"], choices=list(SETUPS),
+                        help="a quantised setup is counted on real tensors only (quantising needs the weights)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/lora_lightning_random_llama"))
     parser.add_argument("--name", default="memory_accounting")
     parser.add_argument("--report", type=Path, metavar="JSON",
@@ -195,16 +207,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.report:
         data = json.loads(args.report.read_text())
-        report(data["rows"], data["checks"], args.report.stem, data["command"])
+        report(data["rows"], data["checks"], args.report.stem, data)
         return
     checks = []
     for entry in args.validate:
         size, tokens = entry.split(":")
         batch, block = (int(n) for n in tokens.lower().split("x"))
         folder = save_random_backbone(size, args.cache / f"{size}-float32", torch.float32)
-        for setup in ("fp32", "fp32 + ckpt"):
+        for setup in args.validate_setups:
             for side in BUILDERS:
-                real, meta = (count_step(folder, side, setup, batch, block, meta)["peak_bytes"] for meta in (0, 1))
+                real = count_step(folder, side, setup, batch, block, meta=False)["peak_bytes"]
+                quantized = SETUPS[setup].quantization != "none"
+                meta = None if quantized else count_step(folder, side, setup, batch, block, meta=True)["peak_bytes"]
                 checks.append({"size": size, "tokens": tokens, "setup": setup, "side": side, "real_bytes": real,
                                "meta_bytes": meta})
                 print(json.dumps(checks[-1]), flush=True)
