@@ -156,7 +156,7 @@ def report(rows: list[dict[str, Any]], checks: list[dict[str, Any]], name: str, 
                    "real only" if c["meta_bytes"] is None else "yes" if c["real_bytes"] == c["meta_bytes"] else "NO"]
                   for c in checks]
     sections = [
-        "# Peak tensor memory of one LoRA training step, ours vs PEFT (counted on the meta device)",
+        "# Peak tensor memory of one LoRA training step, ours vs PEFT (counted op by op, on the meta device or real tensors)",
         "Bytes of tensor storage alive at the step's peak (weights, adapters, saved activations, gradients, AdamW "
         "state, temporaries), counted op by op (`benchmarks/tensor_memory.py`) for LoRA r=16 on all linear layers, "
         "one step of forward + loss + backward + AdamW. This is what `torch.cuda.max_memory_allocated` reports; a "
