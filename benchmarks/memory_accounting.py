@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from common import markdown_table, write_results
-from memory_scaling import SETUPS
-from random_llama import SHAPES, build_ours, build_peft, llama_config, random_batch, save_random_backbone
+from memory_scaling import SETUPS, parse_tokens
+from random_llama import (SHAPES, build_ours, build_peft, llama_config, random_batch, save_random_backbone,
+                          training_step)
 from tensor_memory import PeakTensorMemory, meta_device
 
 BUILDERS = {"ours": build_ours, "peft": build_peft}
@@ -75,19 +76,16 @@ def count_step(folder: Path, side: str, setup: str, batch: int, block: int, meta
     context = meta_device() if meta else torch.device("cpu")
     with context:
         torch.manual_seed(0)
-        model = BUILDERS[side](folder, SETUPS[setup]).train()
-        trained = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trained, lr=1e-4)
+        model = BUILDERS[side](folder, SETUPS[setup])
+        step = training_step(side, model)  # the step memory_scaling.py times: forward, loss, backward, AdamW
         counter = PeakTensorMemory([*model.parameters(), *model.buffers(), *ids.values()])
         at_rest = counter.current
         with counter:
-            loss = model.task.loss(model(ids), ids) if side == "ours" else model(**ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            step(ids)
     result = {"peak_bytes": counter.peak, "at_rest_bytes": at_rest, "after_step_bytes": counter.current,
-              "params": sum(p.numel() for p in model.parameters()), "trained_params": sum(p.numel() for p in trained)}
-    del model, optimizer, counter, loss
+              "params": sum(p.numel() for p in model.parameters()),
+              "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    del model, step, counter
     gc.collect()
     return result
 
@@ -99,7 +97,7 @@ def model_terms(row: dict[str, Any]) -> list[float]:
     """The memory model's inputs for a counted row: weights scale with the parameters; saved activations with
     tokens × depth × width (residual stream) and × MLP width; the logits and their loss with tokens × vocabulary."""
     config = model_config(row["model"])
-    batch, block = (int(n) for n in row["tokens"].split("x"))
+    batch, block = parse_tokens(row["tokens"])
     tokens, layers = batch * block, config.num_hidden_layers
     return [row["params"], tokens * layers * config.hidden_size, tokens * layers * config.intermediate_size,
             tokens * config.vocab_size, 1.0]
@@ -212,7 +210,7 @@ def main() -> None:
     checks = []
     for entry in args.validate:
         size, tokens = entry.split(":")
-        batch, block = (int(n) for n in tokens.lower().split("x"))
+        batch, block = parse_tokens(tokens)
         folder = save_random_backbone(size, args.cache / f"{size}-float32", torch.float32)
         for setup in args.validate_setups:
             for side in BUILDERS:
@@ -226,7 +224,7 @@ def main() -> None:
     for model in args.models:
         folder = config_folder(model, args.cache)
         for tokens in args.tokens:
-            batch, block = (int(n) for n in tokens.lower().split("x"))
+            batch, block = parse_tokens(tokens)
             for setup in args.setups:
                 for side in BUILDERS:
                     rows.append({"model": model, "tokens": tokens, "setup": setup, "side": side,
