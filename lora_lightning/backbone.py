@@ -11,9 +11,11 @@ import torch
 import transformers
 from torch import Tensor, nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedTokenizerBase,
 )
 
@@ -157,6 +159,11 @@ def _from_pretrained(loader, name: str, **extra):
             f"Could not load '{name}' ({error}). Without network access use a local folder or a packaged alias "
             f"('minilm', 'smollm2'); with network access check the hub id."
         ) from error
+
+
+def load_config(name: str, trust_remote_code: bool = False) -> PretrainedConfig:
+    """A backbone's ``transformers`` config alone (no weights): for checks that must come before the load."""
+    return _from_pretrained(AutoConfig.from_pretrained, name, trust_remote_code=trust_remote_code)
 
 
 @lru_cache(maxsize=8)

@@ -24,8 +24,11 @@ from lora_lightning.adapters.base import (
     inject_adapters,
     set_trainable,
 )
-from lora_lightning.backbone import BackboneOptions, enable_gradient_checkpointing, keep_in_float32, load_backbone
+from lora_lightning.backbone import (
+    BackboneOptions, enable_gradient_checkpointing, keep_in_float32, load_backbone, load_config,
+)
 from lora_lightning.checkpoint import read_checkpoint
+from lora_lightning.chunked_loss import check_loss_chunking, chunked_loss
 from lora_lightning.callbacks.final_checkpoint import FinalCheckpoint
 from lora_lightning.callbacks.nonfinite import NonFiniteGuard
 from lora_lightning.modules.tasks import Task
@@ -75,6 +78,8 @@ class AdapterModule(L.LightningModule):
         quantization (str): ``none``, ``nf4`` or ``int8``: the frozen linear layers stored quantised (bitsandbytes).
         attn_implementation (str | None): ``sdpa``, ``eager`` or ``flash_attention_2`` (``None``: transformers'
             default).
+        loss_chunk_tokens (int): causal LM: compute the output layer and the loss on this many tokens at a time, so
+            the (tokens × vocabulary) logits never exist whole (:mod:`lora_lightning.chunked_loss`); 0: plain loss.
     """
 
     def __init__(
@@ -96,11 +101,14 @@ class AdapterModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         quantization: str = "none",
         attn_implementation: str | None = None,
+        loss_chunk_tokens: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.task: Task = self.build_task()
         options = BackboneOptions(backbone_dtype, attn_implementation, quantization)  # checked before loading
+        if loss_chunk_tokens:
+            check_loss_chunking(loss_chunk_tokens, task, load_config(backbone, trust_remote_code))
         # from_pretrained returns eval mode; Lightning keeps each submodule's mode, so dropout must be enabled here.
         self.backbone = load_backbone(
             backbone, task, num_labels, trust_remote_code=trust_remote_code, options=options,
@@ -175,7 +183,13 @@ class AdapterModule(L.LightningModule):
 
     # ----------------------------------------------------------------- steps
     def forward(self, batch: dict[str, Tensor]):
-        return self.backbone(**batch)
+        chunk_tokens = self.hparams.loss_chunk_tokens
+        if not chunk_tokens or "labels" not in batch:
+            return self.backbone(**batch)
+        with chunked_loss(self.backbone, chunk_tokens):
+            outputs = self.backbone(**batch)
+        outputs["logits"] = None  # the final hidden states, not logits: the loss never had them whole
+        return outputs
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         task_loss = self.task.loss(self(batch), batch)
