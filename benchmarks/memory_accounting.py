@@ -29,7 +29,7 @@ import torch
 
 from common import markdown_table, write_results
 from memory_scaling import SETUPS, parse_tokens
-from random_llama import (SHAPES, build_ours, build_peft, llama_config, random_batch, save_random_backbone,
+from random_llama import (SHAPES, Setup, build_ours, build_peft, llama_config, random_batch, save_random_backbone,
                           training_step)
 from tensor_memory import PeakTensorMemory, meta_device
 
@@ -42,6 +42,9 @@ PAPER_MODELS: dict[str, tuple[int, int, int, int, int, int, bool]] = {
     "Llama-3.1-70B": (8192, 80, 64, 8, 28672, 128256, False),
 }
 COUNTED_SETUPS = ["fp32", "fp32 + ckpt", "bf16", "bf16 + ckpt"]  # nf4 needs the weights to quantise: not on meta
+# ours only (PEFT has no chunked loss): bf16 + ckpt with the loss computed 512 tokens at a time (loss_chunk_tokens)
+CHUNKED = Setup("bf16 + ckpt + chunked loss", "bfloat16", True, loss_chunk_tokens=512)
+ALL_SETUPS = {**SETUPS, CHUNKED.name: CHUNKED}
 GPUS_GIB = {"24 GB": 24e9 / 2**30, "40 GB": 40e9 / 2**30, "48 GB": 48e9 / 2**30, "80 GB": 80e9 / 2**30,
             "141 GB": 141e9 / 2**30}
 HEADROOM = 0.9  # a model "fits" a GPU when its counted peak is at most this share of the GPU's memory
@@ -76,7 +79,7 @@ def count_step(folder: Path, side: str, setup: str, batch: int, block: int, meta
     context = meta_device() if meta else torch.device("cpu")
     with context:
         torch.manual_seed(0)
-        model = BUILDERS[side](folder, SETUPS[setup])
+        model = BUILDERS[side](folder, ALL_SETUPS[setup])
         step = training_step(side, model)  # the step memory_scaling.py times: forward, loss, backward, AdamW
         counter = PeakTensorMemory([*model.parameters(), *model.buffers(), *ids.values()])
         at_rest = counter.current
@@ -135,21 +138,26 @@ def gib(nbytes: float) -> str:
 def report(rows: list[dict[str, Any]], checks: list[dict[str, Any]], name: str, recorded: dict | None = None) -> None:
     """Write ``results/<name>``; ``recorded``: the command and environment of a result file being re-reported."""
     by_key = {(r["model"], r["tokens"], r["setup"], r["side"]): r for r in rows}
-    table, gpu_rows, ratio_rows = [], [], []
+    table, gpu_rows, ratio_rows, chunk_rows = [], [], [], []
     for (model, tokens, setup, side), ours in by_key.items():
         if side != "ours":
             continue
-        peft = by_key[(model, tokens, setup, "peft")]
+        peft = by_key.get((model, tokens, setup, "peft"))  # none for a setup PEFT cannot run (the chunked loss)
         table.append([model, f"{ours['params'] / 1e9:.2f}B", tokens, setup, gib(ours["peak_bytes"]),
-                      gib(peft["peak_bytes"]), f"{ours['peak_bytes'] / peft['peak_bytes']:.3f}",
-                      gib(ours["at_rest_bytes"])])
+                      gib(peft["peak_bytes"]) if peft else "–",
+                      f"{ours['peak_bytes'] / peft['peak_bytes']:.3f}" if peft else "–", gib(ours["at_rest_bytes"])])
         if model in PAPER_MODELS:
             gpu_rows.append([model, tokens, setup, gib(ours["peak_bytes"]),
                              smallest_gpu(ours["peak_bytes"] / 2**30)])
-        if setup == "bf16 + ckpt":
-            fp32 = by_key[(model, tokens, "fp32", "ours")]
+        fp32 = by_key.get((model, tokens, "fp32", "ours"))
+        if setup == "bf16 + ckpt" and fp32:
             ratio_rows.append([model, tokens, gib(fp32["peak_bytes"]), gib(ours["peak_bytes"]),
                                f"{fp32['peak_bytes'] / ours['peak_bytes']:.2f}"])
+        plain = by_key.get((model, tokens, "bf16 + ckpt", "ours"))
+        if setup == CHUNKED.name and plain:
+            saved = plain["peak_bytes"] - ours["peak_bytes"]
+            chunk_rows.append([model, tokens, gib(plain["peak_bytes"]), gib(ours["peak_bytes"]), gib(saved),
+                               f"{100 * saved / plain['peak_bytes']:.0f} %", smallest_gpu(ours["peak_bytes"] / 2**30)])
     check_rows = [[c["size"], c["tokens"], c["setup"], c["side"], c["real_bytes"], c["meta_bytes"] or "–",
                    "real only" if c["meta_bytes"] is None else "yes" if c["real_bytes"] == c["meta_bytes"] else "NO"]
                   for c in checks]
@@ -170,15 +178,33 @@ def report(rows: list[dict[str, Any]], checks: list[dict[str, Any]], name: str, 
             "## Peak per step (GiB)",
             markdown_table(["model", "params", "tokens", "setup", "ours peak", "PEFT peak", "ours/PEFT",
                             "ours at rest"], table, align="llllrrrr"),
+        ]
+    fitted = memory_model(rows)
+    if fitted:
+        sections += [
             "## Memory model: peak = a·params + b·tokens·layers·hidden + c·tokens·layers·mlp + d·tokens·vocab + e",
             "Fitted per setup to our 135M–1.5B rows only; the last column is its error on the paper models' counted "
             "peaks (7B–70B, other vocabularies and widths), which it did not see.",
             markdown_table(["setup", "a (bytes/param)", "b (bytes)", "c (bytes)", "d (bytes)", "e (MiB)",
-                            "max error, fitted rows", "max error, paper models"], memory_model(rows),
-                           align="lrrrrrrr"),
+                            "max error, fitted rows", "max error, paper models"], fitted, align="lrrrrrrr"),
+        ]
+    if ratio_rows:
+        sections += [
             "## bf16 base + checkpointing vs fp32 base (ours)",
             markdown_table(["model", "tokens", "fp32 peak", "bf16 + ckpt peak", "fp32 / (bf16 + ckpt)"], ratio_rows,
                            align="llrrr"),
+        ]
+    if chunk_rows:
+        sections += [
+            f"## The loss in chunks of {CHUNKED.loss_chunk_tokens} tokens (`loss_chunk_tokens`, ours; bf16 + ckpt)",
+            "The output layer and the cross-entropy run on one chunk of tokens at a time, each chunk recomputed in the "
+            "backward, so the tokens × vocabulary logits (12 bytes per token and word: bf16 logits, their fp32 "
+            "upcast, both gradients) are never whole; PEFT has no such option.",
+            markdown_table(["model", "tokens", "plain loss peak", "chunked peak", "saved GiB", "saved", "GPU, chunked"],
+                           chunk_rows, align="llrrrrl"),
+        ]
+    if gpu_rows:
+        sections += [
             "## Smallest single GPU (ours), counted peak ≤ 90 % of its memory",
             markdown_table(["model", "tokens", "setup", "peak GiB", "GPU"], gpu_rows, align="lllrl"),
         ]
@@ -193,7 +219,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["135M", "0.5B", "1.5B", *PAPER_MODELS],
                         choices=[*SHAPES, *PAPER_MODELS])
     parser.add_argument("--tokens", nargs="+", default=["2x512", "2x2048", "4x2048"], metavar="BxT")
-    parser.add_argument("--setups", nargs="+", default=COUNTED_SETUPS, choices=COUNTED_SETUPS)
+    parser.add_argument("--setups", nargs="+", default=COUNTED_SETUPS, choices=[*COUNTED_SETUPS, CHUNKED.name],
+                        help=f"'{CHUNKED.name}' is counted for our side only")
     parser.add_argument("--validate", nargs="*", default=[], metavar="SIZE:BxT",
                         help="count these random-Llama rows on real tensors and on meta, in --validate-setups")
     parser.add_argument("--validate-setups", nargs="+", default=["fp32", "fp32 + ckpt"], choices=list(SETUPS),
@@ -226,7 +253,7 @@ def main() -> None:
         for tokens in args.tokens:
             batch, block = parse_tokens(tokens)
             for setup in args.setups:
-                for side in BUILDERS:
+                for side in BUILDERS if not ALL_SETUPS[setup].loss_chunk_tokens else ["ours"]:
                     rows.append({"model": model, "tokens": tokens, "setup": setup, "side": side,
                                  **count_step(folder, side, setup, batch, block, meta=True)})
                     print(f"{model} {tokens} {setup} {side}: {gib(rows[-1]['peak_bytes'])} GiB", flush=True)

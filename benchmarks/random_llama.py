@@ -30,12 +30,14 @@ RANK, ALPHA = 16, 32
 
 @dataclass(frozen=True)
 class Setup:
-    """One row's backbone options: the frozen base's dtype, activation checkpointing, bitsandbytes quantisation."""
+    """One row's backbone options: the frozen base's dtype, activation checkpointing, bitsandbytes quantisation, and
+    (ours only: PEFT has no such option) the chunked loss's tokens per chunk."""
 
     name: str
     dtype: str
     checkpointing: bool
     quantization: str = "none"
+    loss_chunk_tokens: int = 0
 
 
 def llama_config(size: str):
@@ -82,7 +84,7 @@ def build_ours(folder: Path, setup: Setup) -> nn.Module:
 
     return LoRAModule(backbone=str(folder), task="causal-lm", target_modules=TARGETS, rank=RANK, alpha=ALPHA,
                       dropout=0.0, backbone_dtype=setup.dtype, gradient_checkpointing=setup.checkpointing,
-                      quantization=setup.quantization)
+                      quantization=setup.quantization, loss_chunk_tokens=setup.loss_chunk_tokens)
 
 
 def build_peft(folder: Path, setup: Setup) -> nn.Module:
@@ -94,6 +96,9 @@ def build_peft(folder: Path, setup: Setup) -> nn.Module:
 
     from lora_lightning.adapters.quant import quantization_config
 
+    if setup.loss_chunk_tokens:
+        raise ValueError(f"Setup '{setup.name}' chunks the loss, which PEFT's model has no option for; count it for "
+                         "our side only.")
     dtype = getattr(torch, setup.dtype)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype, quantization_config=quantization_config(setup.quantization, dtype, ["lm_head"]))

@@ -30,8 +30,8 @@ def test_counts_each_storage_once_and_releases_it_when_freed():
     assert w.shape == (10,) and v.sum() == 250
 
 
-@pytest.mark.parametrize("setup", ["fp32", "bf16 + ckpt"])
-@pytest.mark.parametrize("side", ["ours", "peft"])
+@pytest.mark.parametrize("side,setup", [("ours", "fp32"), ("peft", "fp32"), ("ours", "bf16 + ckpt"),
+                                        ("peft", "bf16 + ckpt"), ("ours", memory_accounting.CHUNKED.name)])
 def test_a_step_counted_on_meta_equals_the_real_step(tmp_path, side, setup):
     pytest.importorskip("peft")
     dtype = torch.bfloat16 if setup.startswith("bf16") else torch.float32
