@@ -104,6 +104,6 @@ def test_config_runs_with_tiny_backbone(config, tiny_bert, tiny_llama, tiny_qwen
     checkpoints = list(tmp_path.rglob("*.ckpt"))
     assert checkpoints, "the config's fit wrote no checkpoint"
     saved = torch.load(checkpoints[0], map_location="cpu", weights_only=False)["hyper_parameters"]
-    for option in ("backbone_dtype", "gradient_checkpointing", "quantization"):
+    for option in ("backbone_dtype", "gradient_checkpointing", "quantization", "loss_chunk_tokens"):
         if option in spec["model"]["init_args"]:  # the backbone options ran as shipped
             assert saved[option] == spec["model"]["init_args"][option]
