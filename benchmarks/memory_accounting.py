@@ -15,6 +15,12 @@ first runs the same steps on real tensors (random weights, real compute) and on 
 records that the counts agree to the byte (``tests/test_tensor_memory.py`` checks the same on a tiny model).
 
     python benchmarks/memory_accounting.py --validate 135M:2x512
+
+The setup ``bf16 + ckpt + chunked loss`` (``CHUNKED``: ``loss_chunk_tokens``) is counted for our side only:
+
+    python benchmarks/memory_accounting.py --models Qwen2.5-7B Llama-3.1-8B Qwen2.5-32B Llama-3.1-70B \
+        --tokens 2x512 2x2048 4x2048 --setups 'bf16 + ckpt' 'bf16 + ckpt + chunked loss' \
+        --name memory_accounting_chunked_loss
 """
 from __future__ import annotations
 
