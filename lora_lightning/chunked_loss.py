@@ -64,8 +64,7 @@ def _chunk_loss_sum(hidden: Tensor, targets: Tensor, head: Callable[[Tensor], Te
 
 def chunked_causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch: Tensor | None = None,
                            ignore_index: int = -100, shift_labels: Tensor | None = None, *,
-                           head: Callable[[Tensor], Tensor],
-                           chunk_tokens: int, **_: object) -> Tensor:
+                           head: Callable[[Tensor], Tensor], chunk_tokens: int, **_: object) -> Tensor:
     """``transformers``' ``ForCausalLMLoss`` (mean next-token cross-entropy over targets that are not
     ``ignore_index``, or the sum over ``num_items_in_batch``) where ``logits`` are the hidden states that the output
     layer ``head`` has not yet been applied to; ``head`` runs on ``chunk_tokens`` tokens at a time."""
