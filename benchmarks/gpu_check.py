@@ -1,12 +1,13 @@
 """GPU check: a random-weight ~7B Llama, bf16 base + activation checkpointing, a few LoRA training steps with our
-LoRA, our Sensitivity-LoRA and PEFT's LoRA side by side: tokens/s and peak memory.
+LoRA (plain loss and in chunks), our Sensitivity-LoRA and PEFT's LoRA side by side: tokens/s and peak memory.
 
 No download: the backbone is built from ``random_llama.SHAPES["7B"]`` (Llama-2-7B's shape, the SmolLM2 tokenizer)
 and saved once to ``--cache``. Each contender runs in a fresh process (peaks apart):
 
 * ours: ``LoRAModule`` / ``SensitivityLoRAModule`` (``backbone_dtype: bfloat16``, ``gradient_checkpointing: true``,
-  r=16 / r_avg=16 on all linear layers) trained by a Lightning ``Trainer`` (``precision="bf16-mixed"``; Sensitivity-LoRA
-  calibrates from the first ``--calibration`` batches before training, outside the timing);
+  r=16 / r_avg=16 on all linear layers; "chunked loss": ``loss_chunk_tokens: 512``) trained by a Lightning
+  ``Trainer`` (``precision="bf16-mixed"``; Sensitivity-LoRA calibrates from the first ``--calibration`` batches
+  before training, outside the timing);
 * peft: ``from_pretrained(dtype=bfloat16)`` + ``gradient_checkpointing_enable(use_reentrant=False)`` +
   ``get_peft_model`` (same LoRA), a plain loop under ``torch.autocast(bfloat16)`` with AdamW.
 
@@ -29,7 +30,8 @@ from typing import Any
 from common import markdown_table, peak_rss_mb, probe_in_subprocess, reset_peak_rss, write_results
 from random_llama import RANK, TARGETS, Setup, parameter_count, random_batch, save_random_backbone
 
-CONTENDERS = ("ours LoRA", "ours Sensitivity-LoRA", "PEFT LoRA")
+CONTENDERS = ("ours LoRA", "ours LoRA, chunked loss", "ours Sensitivity-LoRA", "PEFT LoRA")
+CHUNK_TOKENS = 512
 SETUP = Setup("bf16 + ckpt", "bfloat16", True)
 
 
@@ -71,8 +73,9 @@ def run_ours(spec: dict[str, Any], meter: StepMeter, batches: list) -> None:
 
     common = {"backbone": spec["folder"], "task": "causal-lm", "target_modules": TARGETS, "dropout": 0.0,
               "backbone_dtype": SETUP.dtype, "gradient_checkpointing": SETUP.checkpointing}
-    if spec["contender"] == "ours LoRA":
-        module = LoRAModule(rank=RANK, alpha=2 * RANK, **common)
+    if spec["contender"].startswith("ours LoRA"):
+        chunks = CHUNK_TOKENS if spec["contender"].endswith("chunked loss") else 0
+        module = LoRAModule(rank=RANK, alpha=2 * RANK, loss_chunk_tokens=chunks, **common)
     else:
         module = SensitivityLoRAModule(r_avg=RANK, r_min=RANK // 4, r_max=4 * RANK, alpha=2 * RANK,
                                        num_batches=spec["calibration"], **common)

@@ -30,7 +30,7 @@ def test_tiny_check_runs_ours_and_peft_side_by_side(tmp_path):
     assert completed.returncode == 0, completed.stderr[-3000:]
     payload = json.loads(completed.stdout.strip().splitlines()[-1])
     results = payload["results"]
-    assert list(results) == ["ours LoRA", "ours Sensitivity-LoRA", "PEFT LoRA"]
+    assert list(results) == ["ours LoRA", "ours LoRA, chunked loss", "ours Sensitivity-LoRA", "PEFT LoRA"]
     for name, result in results.items():
         assert len(result["step_s"]) == payload["args"]["steps"] == 3, name
         assert all(math.isfinite(loss) for loss in result["losses"]), name
