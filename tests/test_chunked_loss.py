@@ -130,6 +130,25 @@ def test_a_sharded_fit_with_chunks_equals_one_without(tiny_llama, tmp_path):
         torch.testing.assert_close(adapters[8][key], value, rtol=1e-5, atol=1e-7, msg=key)
 
 
+@pytest.mark.parametrize("estimator", ["fisher", "hutchinson"])
+def test_sensitivity_lora_scores_the_same_through_chunks(tiny_llama, tmp_path, estimator):
+    """The loss-based estimators differentiate the task loss once (Fisher) or twice (Hutchinson) through the module's
+    forward: with chunks, the calibration reports the same sensitivities and the same ranks."""
+    batches = [lm_batch(49152, seed=seed) for seed in range(2)]
+    reports = []
+    for chunk in (0, 8):
+        module = SensitivityLoRAModule(backbone=tiny_llama, task="causal-lm", target_modules=TARGETS, r_avg=2,
+                                       r_max=4, estimator=estimator, num_batches=2, loss_chunk_tokens=chunk)
+        quiet_trainer(max_steps=1, default_root_dir=tmp_path / str(chunk)).fit(
+            module, torch.utils.data.DataLoader(batches, batch_size=None))
+        reports.append(module.allocation_report)
+    assert reports[0]["ranks"] == reports[1]["ranks"]
+    plain, chunked = ({name: score["theta"] for name, score in report["scores"].items()} for report in reports)
+    assert plain.keys() == chunked.keys() and len(set(plain.values())) > 1
+    for name, theta in plain.items():
+        assert chunked[name] == pytest.approx(theta, rel=1e-4), name
+
+
 def test_refused_before_the_weights_are_read(tmp_path, tiny_bert):
     softcapped = tmp_path / "gemma2"  # a config and no weights: a refusal after loading would be an OSError
     Gemma2Config(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
