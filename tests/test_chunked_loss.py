@@ -32,10 +32,10 @@ def lm_batch(vocab_size: int, seed: int = 0, batch_size: int = 2, seq_len: int =
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def tiny_causal_lm(**options) -> LlamaForCausalLM:
+def tiny_causal_lm() -> LlamaForCausalLM:
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=301, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, **options)
+                         num_key_value_heads=2, intermediate_size=64)
     config._attn_implementation = "eager"  # twice differentiable (the CPU fused attention's backward is not)
     return LlamaForCausalLM(config)
 
