@@ -19,6 +19,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from lora_lightning.allocation.budget import resolve_steps
+from lora_lightning.group_lr import restore_group_lrs, scale_group_lr
 
 
 class HypernetWarmup(Callback):
@@ -71,16 +72,12 @@ class HypernetWarmup(Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         self._restore()
         factor = self.factor(trainer.global_step)
-        for group in optimizer.param_groups:
-            if group.get("name") == self.group_name:
-                self._scheduled.append((group, group["lr"]))
-                group["lr"] = group["lr"] * factor
+        self._scheduled = scale_group_lr(optimizer, self.group_name, factor)
         self.step = trainer.global_step + 1
         pl_module.log("train/hypernet_lr_factor", factor, on_step=True, on_epoch=False, batch_size=1)
 
     def _restore(self) -> None:
-        for group, lr in self._scheduled:
-            group["lr"] = lr
+        restore_group_lrs(self._scheduled)
         self._scheduled = []
 
     def _remove_hooks(self) -> None:

@@ -17,6 +17,7 @@ from lora_lightning.adapters.svd import SVDLinear
 from lora_lightning.allocation.budget import resolve_steps
 from lora_lightning.allocation.importance import RankUnit, orthogonal_regularizer
 from lora_lightning.callbacks.rank_pruning import RankPruningScheduler
+from lora_lightning.group_lr import restore_group_lrs, scale_group_lr
 from lora_lightning.modules.base import AdapterModule
 from lora_lightning.settings import AdaLoRASettings
 
@@ -124,14 +125,11 @@ class AdaLoRAModule(AdapterModule):
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         factor = self.lambda_lr_factor(self.trainer.global_step) if self.settings.lambda_lr_boost else 1.0
-        boosted = [(g, g["lr"]) for g in optimizer.param_groups if g.get("name") == LAMBDA_GROUP and factor != 1.0]
-        for group, lr in boosted:
-            group["lr"] = lr * factor
+        scheduled = scale_group_lr(optimizer, LAMBDA_GROUP, factor) if factor != 1.0 else []
         try:
             super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         finally:  # the LR scheduler never sees the boost
-            for group, lr in boosted:
-                group["lr"] = lr
+            restore_group_lrs(scheduled)
 
     # ----------------------------------------------------------------- the run's resolved settings
     def setup(self, stage: str) -> None:
