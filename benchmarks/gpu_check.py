@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from common import markdown_table, peak_rss_mb, probe_in_subprocess, reset_peak_rss, write_results
-from random_llama import RANK, TARGETS, Setup, parameter_count, random_batch, save_random_backbone
+from random_llama import CHUNK_TOKENS, RANK, TARGETS, Setup, parameter_count, random_batch, save_random_backbone
 
 CONTENDERS = ("ours LoRA", "ours LoRA, chunked loss", "ours Sensitivity-LoRA", "PEFT LoRA")
-CHUNK_TOKENS = 512
 SETUP = Setup("bf16 + ckpt", "bfloat16", True)
 
 

@@ -35,8 +35,8 @@ import torch
 
 from common import markdown_table, write_results
 from memory_scaling import SETUPS, parse_tokens
-from random_llama import (SHAPES, Setup, build_ours, build_peft, llama_config, random_batch, save_random_backbone,
-                          training_step)
+from random_llama import (CHUNK_TOKENS, SHAPES, Setup, build_ours, build_peft, llama_config, random_batch,
+                          save_random_backbone, training_step)
 from tensor_memory import PeakTensorMemory, meta_device
 
 BUILDERS = {"ours": build_ours, "peft": build_peft}
@@ -49,7 +49,7 @@ PAPER_MODELS: dict[str, tuple[int, int, int, int, int, int, bool]] = {
 }
 COUNTED_SETUPS = ["fp32", "fp32 + ckpt", "bf16", "bf16 + ckpt"]  # nf4 needs the weights to quantise: not on meta
 # ours only (PEFT has no chunked loss): bf16 + ckpt with the loss computed 512 tokens at a time (loss_chunk_tokens)
-CHUNKED = Setup("bf16 + ckpt + chunked loss", "bfloat16", True, loss_chunk_tokens=512)
+CHUNKED = Setup("bf16 + ckpt + chunked loss", "bfloat16", True, loss_chunk_tokens=CHUNK_TOKENS)
 ALL_SETUPS = {**SETUPS, CHUNKED.name: CHUNKED}
 GPUS_GIB = {"24 GB": 24e9 / 2**30, "40 GB": 40e9 / 2**30, "48 GB": 48e9 / 2**30, "80 GB": 80e9 / 2**30,
             "141 GB": 141e9 / 2**30}

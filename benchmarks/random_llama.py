@@ -26,6 +26,7 @@ SHAPES: dict[str, tuple[int, int, int, int, int, bool]] = {
 VOCAB = 49152
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
+CHUNK_TOKENS = 512  # loss_chunk_tokens of the shipped 7B/8B chat configs
 
 
 @dataclass(frozen=True)

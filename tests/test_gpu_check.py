@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py: the CPU path (``--tiny``) runs all three contenders, and without a GPU the full check
+"""benchmarks/gpu_check.py: the CPU path (``--tiny``) runs all four contenders, and without a GPU the full check
 stops with a clear message before building anything."""
 from __future__ import annotations
 
