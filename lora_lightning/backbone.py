@@ -182,12 +182,17 @@ def load_backbone(
     trust_remote_code: bool = False,
     options: BackboneOptions | None = None,
     full_precision: list[str] = (),
+    empty: bool = False,
     **model_kwargs,
 ) -> nn.Module:
     """A pretrained ``transformers`` model with the head the task needs (regression when ``num_labels == 1``),
-    loaded as ``options`` say (default: fp32, no quantisation); ``full_precision``: modules never quantised."""
+    loaded as ``options`` say (default: fp32, no quantisation); ``full_precision``: modules never quantised.
+    ``empty``: the same model on the meta device, its weights not read (a process that receives them from rank 0)."""
     if task not in TASKS:
         raise ValueError(f"Unknown task '{task}'; choose one of {TASKS}.")
+    if empty:
+        model = _empty_backbone(name, task, num_labels, trust_remote_code, options)
+        return _with_task_settings(model, name, task, num_labels, trust_remote_code)
     model_kwargs = {**(options or BackboneOptions()).from_pretrained_kwargs(full_precision), **model_kwargs}
     if task == "causal-lm":
         model = _from_pretrained(
@@ -201,8 +206,32 @@ def load_backbone(
             trust_remote_code=trust_remote_code,
             **model_kwargs,
         )
-        if num_labels == 1:
-            model.config.problem_type = "regression"
+    return _with_task_settings(model, name, task, num_labels, trust_remote_code)
+
+
+def _with_task_settings(model: nn.Module, name: str, task: str, num_labels: int, trust_remote_code: bool) -> nn.Module:
+    if task == "sequence-classification" and num_labels == 1:
+        model.config.problem_type = "regression"
     if model.config.pad_token_id is None:
         model.config.pad_token_id = load_tokenizer(name, trust_remote_code).pad_token_id
     return model
+
+
+def _empty_backbone(name: str, task: str, num_labels: int, trust_remote_code: bool,
+                    options: BackboneOptions | None) -> nn.Module:
+    """The backbone's architecture built from its config alone on the meta device: no weight is read or allocated.
+    Its tensors get their values later (``sharding.broadcast_from_rank0``); a quantised base cannot be built so."""
+    options = options or BackboneOptions()
+    if options.quantization != "none":
+        raise ValueError(f"An empty (meta-device) backbone cannot be quantised (quantization: {options.quantization}).")
+    extra = {"num_labels": num_labels} if task == "sequence-classification" else {}
+    config = _from_pretrained(AutoConfig.from_pretrained, name, trust_remote_code=trust_remote_code, **extra)
+    dtype = options.torch_dtype
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    kwargs = {_DTYPE_KWARG: dtype, "trust_remote_code": trust_remote_code}
+    if options.attn_implementation is not None:
+        kwargs["attn_implementation"] = options.attn_implementation
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    with torch.device("meta"):
+        return auto.from_config(config, **kwargs)

@@ -7,6 +7,8 @@ checkpoint gathers the adapters and heads in full and never the frozen base.
 """
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 
@@ -80,6 +82,40 @@ def shard_backbone(backbone: nn.Module, mesh, replicated: Iterable[nn.Parameter]
     for block in reversed(transformer_blocks(backbone)):  # a block nested in another one is sharded first
         fully_shard(block, mesh=dp_mesh, ignored_params=ignored)
     fully_shard(backbone, mesh=dp_mesh, ignored_params=ignored)
+
+
+def launch_rank() -> int:
+    """This process's global rank as its launcher announces it, before any process group exists: ``RANK``
+    (torchrun), else ``SLURM_PROCID`` (srun), else Lightning's own launcher's ``NODE_RANK``/``LOCAL_RANK`` (0 for
+    the first process on the first node, 1 for any other). A single process, launched by nobody, is rank 0."""
+    for variable in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return int(any(os.environ.get(v, "0") not in ("", "0") for v in ("NODE_RANK", "LOCAL_RANK")))
+
+
+def has_meta_tensors(module: nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers()))
+
+
+def broadcast_from_rank0(module: nn.Module, rank0_state: dict[str, Tensor], device: torch.device) -> None:
+    """Give every process rank 0's values of every tensor of ``module``, once its backbone is sharded
+    (:func:`shard_backbone`): ``rank0_state`` is rank 0's ``module.state_dict()`` taken before sharding, ``{}`` on
+    the other processes, whose backbone (and what is built from it) was built empty on the meta device
+    (``base_from_rank0``). Parameters and persistent buffers travel by torch's ``set_model_state_dict`` (each
+    process keeps only its shard of a sharded one); every buffer, also non-persistent ones such as rotary
+    frequencies, is then broadcast whole. A collective."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    for child in module.children():
+        if has_meta_tensors(child):
+            child.to_empty(device=device)  # storage only: every value comes from rank 0 below
+    module.to(device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, rank0_state, options=options)
+    for buffer in module.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def keep_only_in_state_dict(module: nn.Module, keys: Callable[[], Iterable[str]]) -> None:

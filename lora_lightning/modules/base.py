@@ -34,7 +34,8 @@ from lora_lightning.callbacks.nonfinite import NonFiniteGuard
 from lora_lightning.modules.tasks import Task
 from lora_lightning.modules.tasks import build_task as make_task
 from lora_lightning.sharding import (
-    check_sharded, clip_sharded_gradients_, is_sharded, keep_only_in_state_dict, shard_backbone,
+    ShardingError, broadcast_from_rank0, check_sharded, clip_sharded_gradients_, has_meta_tensors, is_sharded,
+    keep_only_in_state_dict, launch_rank, shard_backbone,
 )
 
 CHECKPOINT_KEY = "lora_lightning"
@@ -80,6 +81,10 @@ class AdapterModule(L.LightningModule):
             default).
         loss_chunk_tokens (int): causal LM: compute the output layer and the loss on this many tokens at a time, so
             the (tokens × vocabulary) logits never exist whole (:mod:`lora_lightning.chunked_loss`); 0: plain loss.
+        base_from_rank0 (bool): under ``ModelParallelStrategy`` only the process of global rank 0 reads the base
+            weights; the others build the backbone empty on the meta device and receive their shards (and every
+            other tensor) from rank 0 once it is sharded, so a node's host memory holds one copy of the base, not one
+            per process. Not with ``quantization`` (docs/large_models.md).
     """
 
     def __init__(
@@ -102,17 +107,23 @@ class AdapterModule(L.LightningModule):
         quantization: str = "none",
         attn_implementation: str | None = None,
         loss_chunk_tokens: int = 0,
+        base_from_rank0: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.task: Task = self.build_task()
+        if base_from_rank0 and quantization != "none":
+            raise ValueError(
+                f"base_from_rank0 builds the base empty on every process but rank 0 and sends it the values later, "
+                f"which a quantised base (quantization: {quantization}) cannot take; set base_from_rank0: false."
+            )
         options = BackboneOptions(backbone_dtype, attn_implementation, quantization)  # checked before loading
         if loss_chunk_tokens:
             check_loss_chunking(loss_chunk_tokens, task, load_config(backbone, trust_remote_code))
         # from_pretrained returns eval mode; Lightning keeps each submodule's mode, so dropout must be enabled here.
         self.backbone = load_backbone(
             backbone, task, num_labels, trust_remote_code=trust_remote_code, options=options,
-            full_precision=list(modules_to_save or ()),
+            full_precision=list(modules_to_save or ()), empty=base_from_rank0 and launch_rank() != 0,
         ).train()
         self.modules_to_save = (
             list(modules_to_save) if modules_to_save is not None
@@ -256,9 +267,25 @@ class AdapterModule(L.LightningModule):
         transformer block, the rest as the root (:mod:`lora_lightning.sharding`). The state dict then holds only the
         adapter state, so checkpoints gather adapters and heads, never the frozen base; loading is not strict about
         the base. Other strategies: nothing to do. Idempotent (Lightning calls it for every stage)."""
+        from_rank0 = self.hparams.get("base_from_rank0", False)
+        if from_rank0 and self.device_mesh is None:
+            raise ShardingError(
+                f"base_from_rank0 needs Lightning's ModelParallelStrategy (the backbone is sharded, then filled from "
+                f"rank 0), not {type(self.trainer.strategy).__name__}; set trainer.strategy to "
+                "lightning.pytorch.strategies.ModelParallelStrategy, or base_from_rank0: false."
+            )
         if self.device_mesh is None or is_sharded(self.backbone):
             return
+        if from_rank0 and self.global_rank == 0 and has_meta_tensors(self.backbone):
+            raise ShardingError(
+                "base_from_rank0: global rank 0 built its backbone empty, so no process has the weights. The launcher "
+                "did not announce the ranks before the module was built: launch with torchrun, srun or Lightning's "
+                "own launcher, or set base_from_rank0: false."
+            )
+        rank0_state = self.state_dict() if from_rank0 and self.global_rank == 0 else {}
         shard_backbone(self.backbone, self.device_mesh, replicated=self.replicated_parameters())
+        if from_rank0:
+            broadcast_from_rank0(self, rank0_state, self.trainer.strategy.root_device)
         keep_only_in_state_dict(self, self.adapter_state_keys)
         self.strict_loading = False
 

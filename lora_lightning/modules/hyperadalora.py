@@ -13,6 +13,7 @@ plain SVD / LoRA adapters: exports and merge are then exactly AdaLoRA's / LoRA's
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from lora_lightning.modules.adalora import AdaLoRAModule
 from lora_lightning.modules.base import AdapterModule
 from lora_lightning.modules.lora import LoRAModule
 from lora_lightning.settings import HypernetSettings
+from lora_lightning.sharding import has_meta_tensors
 
 HYPERNET_GROUP = "hypernet"
 FOLDED_KEY = "hypernet_folded"
@@ -79,8 +81,15 @@ class _HypernetMixin(AdapterModule):
                                     scaling=hypernet_scaling, fold_at=hypernet_fold_at)  # checked before loading
         super().__init__(*args, **kwargs)
         self.hypernet_settings = settings
-        self.hypernet = AdapterHypernet(self.adapters, mode=mode, hidden=hypernet_hidden, heads=hypernet_heads,
-                                        tokens=hypernet_tokens, scaling=hypernet_scaling)
+        empty = has_meta_tensors(self.backbone)  # base_from_rank0 on a process other than rank 0
+        with torch.device("meta") if empty else contextlib.nullcontext():
+            self.hypernet = AdapterHypernet(self.adapters, mode=mode, hidden=hypernet_hidden, heads=hypernet_heads,
+                                            tokens=hypernet_tokens, scaling=hypernet_scaling)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        if self.hypernet is not None:  # anything generated before the tensors got rank 0's values (base_from_rank0)
+            self.hypernet.invalidate()
 
     @property
     def generating(self) -> bool:

@@ -74,6 +74,12 @@ class SensitivityLoRAModule(LoRABase):
                 f"The '{estimator}' estimator differentiates the base weights, which a quantised base "
                 f"(quantization: {kwargs['quantization']}) does not have in floating point; use estimator: activation."
             )
+        if kwargs.get("base_from_rank0"):
+            raise ValueError(
+                "Sensitivity-LoRA calibrates on every process's whole model before it is sharded (Lightning runs the "
+                "estimator's setup before configure_model), so every process must read the base: set "
+                "base_from_rank0: false."
+            )
         self.allocation: dict[str, int] | None = None
         self.allocation_report: dict[str, Any] | None = None
         super().__init__(*args, **kwargs)

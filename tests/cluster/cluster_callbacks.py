@@ -10,6 +10,7 @@ import torch
 
 from lora_lightning.callbacks.sensitivity import HessianSensitivityEstimator
 from lora_lightning.allocation.importance import full_tensor
+from lora_lightning.sharding import has_meta_tensors
 
 
 class SignalAtStep(L.Callback):
@@ -46,10 +47,15 @@ class StopAtStep(L.Callback):
 
 
 class DumpState(L.Callback):
-    """At the end of fit, write (per rank) the adapter weights, every callback's state and the rank layout."""
+    """At the end of fit, write (per rank) the adapter weights, every callback's state and the rank layout, and
+    whether the backbone was still empty (meta device, ``base_from_rank0``) when the fit was set up."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        self.base_was_empty: bool | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.base_was_empty = has_meta_tensors(pl_module.backbone)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         full = pl_module.state_dict()
@@ -59,6 +65,7 @@ class DumpState(L.Callback):
             "callbacks": {type(cb).__name__: cb.state_dict() for cb in trainer.callbacks
                           if type(cb).__module__.startswith("lora_lightning") or isinstance(cb, HessianSensitivityEstimator)},
             "allocation": getattr(pl_module, "allocation", None),
+            "base_was_empty": self.base_was_empty,
         }
         if hasattr(pl_module, "rank_units"):
             state["masks"] = {n: u.mask.detach().cpu().clone() for n, u in pl_module.rank_units().items()}

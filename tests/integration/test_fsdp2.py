@@ -109,6 +109,25 @@ def test_rank_machinery_sharded_equals_ddp(method, tiny_bert, tmp_path):
         assert scores[0] == scores[1] and len({score["theta"] for score in scores[0].values()}) > 1, scores
 
 
+@pytest.mark.parametrize("method", ["LoRAModule", "HyperAdaLoRAModule"])
+def test_base_read_by_rank0_only_trains_as_ddp(method, tiny_llama, tmp_path):
+    """``base_from_rank0``: rank 1 builds the Llama empty (meta device) and gets every tensor from rank 0 after
+    sharding: base shards, rotary frequencies (non-persistent buffers), the randomly initialised score head, the
+    adapters, and HyperAdaLoRA's hypernetwork (outside the backbone, its initial values drawn from an RNG that rank 1
+    no longer shares). Any of them wrong on rank 1 changes the averaged gradients: the adapters after 6 steps equal
+    DDP's (every process reading the base) on both ranks."""
+    clip = ["--trainer.gradient_clip_val", "0.05"] if method.startswith("Hyper") else []
+    fit(config(tmp_path / "ddp", tiny_llama, TARGETS["tiny_llama"], method=method), DDP, *clip)
+    fit(config(tmp_path / "fsdp", tiny_llama, TARGETS["tiny_llama"], method=method), FSDP2, *clip,
+        "--model.init_args.base_from_rank0", "true")
+    reference = load(tmp_path / "ddp/final0.pt")
+    for rank in (0, 1):
+        sharded = load(tmp_path / f"fsdp/final{rank}.pt")
+        assert sharded["global_step"] == 6 and sharded["base_was_empty"] == (rank == 1) and not reference["base_was_empty"]
+        assert_same(sharded["adapter"], reference["adapter"], "adapter")
+        assert_same(sharded.get("masks"), reference.get("masks"), "masks")
+
+
 # ----------------------------------------------------------------- refused before training (one process, in-process)
 @pytest.fixture
 def one_process_sharded_trainer(tmp_path):
