@@ -100,22 +100,34 @@ def has_meta_tensors(module: nn.Module) -> bool:
 
 def broadcast_from_rank0(module: nn.Module, rank0_state: dict[str, Tensor], device: torch.device) -> None:
     """Give every process rank 0's values of every tensor of ``module``, once its backbone is sharded
-    (:func:`shard_backbone`): ``rank0_state`` is rank 0's ``module.state_dict()`` taken before sharding, ``{}`` on
-    the other processes, whose backbone (and what is built from it) was built empty on the meta device
-    (``base_from_rank0``). Parameters and persistent buffers travel by torch's ``set_model_state_dict`` (each
-    process keeps only its shard of a sharded one); every buffer, also non-persistent ones such as rotary
-    frequencies, is then broadcast whole. A collective."""
+    (:func:`shard_backbone`): ``rank0_state`` is rank 0's ``module.state_dict()`` taken before sharding (consumed:
+    each entry is dropped once sent), ``{}`` on the other processes, whose backbone (and what is built from it) was
+    built empty on the meta device (``base_from_rank0``). One tensor at a time is broadcast whole; each process
+    copies its own shard of it (or all of it, if not sharded) and lets it go, so no process ever holds more than its
+    shards plus the largest single tensor. Every buffer, also non-persistent ones such as rotary frequencies (not in
+    a state dict), is broadcast as well. A collective: every process calls it."""
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     for child in module.children():
         if has_meta_tensors(child):
             child.to_empty(device=device)  # storage only: every value comes from rank 0 below
     module.to(device)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_model_state_dict(module, rank0_state, options=options)
-    for buffer in module.buffers():
-        dist.broadcast(buffer, src=0)
+    rank0 = dist.get_rank() == 0
+    with torch.no_grad():
+        for key, target in module.state_dict().items():  # the same keys, in the same order, on every process
+            if not isinstance(target, Tensor):
+                continue
+            source = rank0_state.pop(key) if rank0 else None
+            whole = (source.to(device) if rank0 else
+                     torch.empty(target.shape, dtype=target.dtype, device=device))
+            dist.broadcast(whole, src=0)
+            if isinstance(target, DTensor):  # slice this process's shard locally (no further communication)
+                whole = distribute_tensor(whole, target.device_mesh, target.placements, src_data_rank=None).to_local()
+                target = target.to_local()
+            target.copy_(whole)
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def keep_only_in_state_dict(module: nn.Module, keys: Callable[[], Iterable[str]]) -> None:
