@@ -83,8 +83,9 @@ class AdapterModule(L.LightningModule):
             the (tokens × vocabulary) logits never exist whole (:mod:`lora_lightning.chunked_loss`); 0: plain loss.
         base_from_rank0 (bool): under ``ModelParallelStrategy`` only the process of global rank 0 reads the base
             weights; the others build the backbone empty on the meta device and receive their shards (and every
-            other tensor) from rank 0 once it is sharded, so a node's host memory holds one copy of the base, not one
-            per process. Not with ``quantization`` (docs/large_models.md).
+            other tensor) from rank 0 once it is sharded. Saves host memory when loading converts the checkpoint
+            (another dtype, GGUF); a checkpoint memory-mapped in ``backbone_dtype`` is shared already. Not with
+            ``quantization`` nor Sensitivity-LoRA (docs/large_models.md).
     """
 
     def __init__(
