@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(TASKS), default="minilm-rt",
                         help="minilm-rt: MiniLM on Rotten Tomatoes (accuracy); smollm2-hamlet: SmolLM2 on Hamlet "
-                             "(perplexity; use --batch-size 8 --max-length 128)")
+                             "(perplexity; the committed results: --batch-size 4 --max-length 64)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--val-every", type=int, default=25)
     parser.add_argument("--val-samples", type=int, default=400)
