@@ -67,7 +67,7 @@ def test_without_model_parallel_strategy_it_is_refused_before_the_first_step(mon
     assert all(p.grad is None for p in module.parameters())
 
 
-def test_quantised_base_and_sensitivity_lora_are_refused_before_loading(tiny_bert):
+def test_quantised_base_and_sensitivity_lora_are_refused_before_loading():
     with pytest.raises(ValueError, match="quantised base .* set base_from_rank0: false"):
         LoRAModule(backbone="/does/not/exist", quantization="nf4", base_from_rank0=True)
     with pytest.raises(ValueError, match="Sensitivity-LoRA calibrates on every process's whole model"):
