@@ -19,6 +19,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -55,14 +56,15 @@ def run(method: str, seed: int, args) -> dict:
     data = TextClassificationDataModule(backbone="minilm", source="rotten_tomatoes", max_length=64, batch_size=16,
                                         max_eval_samples=args.eval_samples, seed=seed)
     module = build(method, args)
-    trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0, default_root_dir=args.workdir, callbacks=[Progress()])
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    train_s = time.perf_counter() - start
-    trainer.limit_val_batches = 1.0
-    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
+    with tempfile.TemporaryDirectory() as root:  # nothing is kept: no logger, no checkpoints
+        trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root, callbacks=[Progress()])
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=data)
+        train_s = time.perf_counter() - start
+        trainer.limit_val_batches = 1.0
+        metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
     result = {"method": method, "seed": seed, "val_accuracy": metrics["val/accuracy"], "val_f1": metrics["val/f1"],
               "val_loss": metrics["val/loss"], "train_seconds": train_s, "steps": trainer.global_step}
     if method == "adalora":
@@ -82,7 +84,6 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["lora", "adalora"], choices=["lora", "adalora"])
     parser.add_argument("--name", default="adalora_quality", help="results file name under benchmarks/results/")
     parser.add_argument("--eval-samples", type=int, default=500)
-    parser.add_argument("--workdir", default="/tmp/adalora_quality")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: CPUs available)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
