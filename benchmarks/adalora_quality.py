@@ -19,7 +19,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,7 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import environment, markdown_table, reproduce_command, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    environment, markdown_table, quiet_cpu_trainer, reproduce_command, write_results,
+)
 from lora_lightning.data.classification import TextClassificationDataModule  # noqa: E402
 from lora_lightning.modules import AdaLoRAModule, LoRAModule  # noqa: E402
 
@@ -56,10 +57,7 @@ def run(method: str, seed: int, args) -> dict:
     data = TextClassificationDataModule(backbone="minilm", source="rotten_tomatoes", max_length=64, batch_size=16,
                                         max_eval_samples=args.eval_samples, seed=seed)
     module = build(method, args)
-    with tempfile.TemporaryDirectory() as root:  # nothing is kept: no logger, no checkpoints
-        trainer = L.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False,
-                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                            num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root, callbacks=[Progress()])
+    with quiet_cpu_trainer(max_steps=args.steps, limit_val_batches=0, callbacks=[Progress()]) as trainer:
         start = time.perf_counter()
         trainer.fit(module, datamodule=data)
         train_s = time.perf_counter() - start

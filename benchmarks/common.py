@@ -7,6 +7,7 @@ measurement rules identical across scripts:
   shared machine (other jobs, thermal throttling) hits every contender alike; :func:`summarize` gives the median.
 * :func:`probe_in_subprocess` runs a memory probe in a fresh Python process, where :func:`reset_peak_rss` /
   :func:`peak_rss_mb` read the kernel's resident-set high-water mark (see :func:`reset_peak_rss` for why RSS).
+* :func:`quiet_cpu_trainer` is the one-process CPU ``Trainer`` that keeps nothing, for fits that only measure.
 * :func:`write_results` writes ``benchmarks/results/<name>.json`` and ``.md`` with the exact reproduce command
   and the environment (torch / transformers / peft versions, CPU count, threads).
 """
@@ -21,8 +22,10 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +240,15 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, command: st
     json_path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     md_path.write_text(f"{markdown.rstrip()}\n\nReproduce (from the repository root):\n\n```\n{command}\n```\n")
     return json_path, md_path
+
+
+@contextmanager
+def quiet_cpu_trainer(**options: Any) -> Iterator[Any]:
+    """A one-process CPU ``lightning.Trainer`` that keeps nothing (no logger, no checkpoints, no progress bar or
+    summary, no sanity validation), rooted in a temporary folder removed on exit; ``options`` add or override."""
+    import lightning as L
+
+    with tempfile.TemporaryDirectory() as root:
+        yield L.Trainer(**{"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+                           "enable_progress_bar": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+                           "default_root_dir": root, **options})

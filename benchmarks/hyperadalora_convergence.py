@@ -39,7 +39,6 @@ import multiprocessing
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -56,7 +55,7 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from common import reproduce_command, write_results  # noqa: E402
+from common import quiet_cpu_trainer, reproduce_command, write_results  # noqa: E402
 from lora_lightning.adapters.hyper_diagnostics import generator_diagnostics  # noqa: E402
 from lora_lightning.callbacks.nonfinite import NonFiniteTrainingError  # noqa: E402
 from lora_lightning.data import CausalLMDataModule, TextClassificationDataModule  # noqa: E402
@@ -184,12 +183,7 @@ def run_one(cls, kwargs, train, val, args, seed: int) -> dict:
     L.seed_everything(seed, workers=True, verbose=False)
     model = cls(**kwargs)
     recorder = Recorder(TASKS[args.task]["metric"])
-    with tempfile.TemporaryDirectory() as root:  # nothing is kept: no logger, no checkpoints
-        trainer = L.Trainer(
-            max_steps=args.steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-            val_check_interval=args.val_every, callbacks=[recorder], default_root_dir=root,
-        )
+    with quiet_cpu_trainer(max_steps=args.steps, val_check_interval=args.val_every, callbacks=[recorder]) as trainer:
         diverged = False
         try:
             trainer.fit(model, DataLoader(train, batch_size=None), DataLoader(val, batch_size=None))

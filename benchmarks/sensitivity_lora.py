@@ -33,7 +33,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from common import reproduce_command  # benchmarks/ is the script's folder, first on sys.path
+from common import quiet_cpu_trainer, reproduce_command  # benchmarks/ is the script's folder, first on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -83,14 +83,11 @@ def run(name: str, seed: int, steps: int) -> dict:
     L.seed_everything(seed, workers=True)
     model = build(name, steps)
     timer = StepTimer()
-    trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[timer],
-    )
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    fit_seconds = time.perf_counter() - start
-    result = trainer.validate(model, datamodule=data, verbose=False)[0]
+    with quiet_cpu_trainer(max_steps=steps, callbacks=[timer]) as trainer:
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        fit_seconds = time.perf_counter() - start
+        result = trainer.validate(model, datamodule=data, verbose=False)[0]
     estimator = next((c for c in trainer.callbacks if isinstance(c, HessianSensitivityEstimator)), None)
     ranks = getattr(model, "allocation", None)
     return {
