@@ -625,6 +625,9 @@ def diagnose(args) -> None:
     write_results(f"{args.name}_diagnostics", {"args": recorded(args), "results": payload}, markdown)
 
 
+PLOT_TOP_OVER_TARGET = 2.0
+
+
 def plot(rows, target, path: Path, task: str = "minilm-rt") -> None:
     import matplotlib
 
@@ -642,7 +645,11 @@ def plot(rows, target, path: Path, task: str = "minilm-rt") -> None:
     ax.axhline(target, color="gray", ls="--", lw=1, label="target")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel(f"validation {TASKS[task]['metric'].removeprefix('val/')} (median, min–max over seeds)")
-    ax.set_title({"minilm-rt": "MiniLM on Rotten Tomatoes", "smollm2-hamlet": "SmolLM2 on Hamlet"}[task])
+    title = {"minilm-rt": "MiniLM on Rotten Tomatoes", "smollm2-hamlet": "SmolLM2 on Hamlet"}[task]
+    if not TASKS[task]["higher"]:  # a perplexity spike (hundreds) would flatten every curve near the target
+        ax.set_ylim(bottom=0.9 * min(ax.dataLim.y0, target), top=PLOT_TOP_OVER_TARGET * target)
+        title += f" (axis cut at {PLOT_TOP_OVER_TARGET:g} × target)"
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
