@@ -332,16 +332,23 @@ def main(argv=None) -> None:
             if (seed, name) not in args.grid_runs]
     results = {key: result for key, result in args.grid_runs.items() if key[0] in data and key[1] in table}
     reported = 0
-    for (seed, name), result in fit_all(jobs, data, args):
-        results[seed, name] = result
-        print(f"seed {seed} {name}: final {TASKS[args.task]['metric']} {final_value(result):.4f}, "
-              f"{statistics.median(result['step_times']) * 1e3:.0f} ms/step", flush=True)
-        complete = 0  # seeds, in order, with every contender done: reported as soon as they are
+
+    def report_complete_seeds() -> None:
+        """Report the seeds, in order, with every contender done, as soon as there are more of them."""
+        nonlocal reported
+        complete = 0
         while complete < len(args.seeds) and all((args.seeds[complete], n) in results for n in table):
             complete += 1
         if complete > reported:
             reported = complete
             report({n: [results[s, n] for s in args.seeds[:complete]] for n in table}, args, args.seeds[:complete])
+
+    report_complete_seeds()  # seeds whose every run is the grid's (nothing to fit) are reported too
+    for (seed, name), result in fit_all(jobs, data, args):
+        results[seed, name] = result
+        print(f"seed {seed} {name}: final {TASKS[args.task]['metric']} {final_value(result):.4f}, "
+              f"{statistics.median(result['step_times']) * 1e3:.0f} ms/step", flush=True)
+        report_complete_seeds()
 
 
 def _worker_init() -> None:
