@@ -472,7 +472,8 @@ def contenders_of(runs: dict) -> list[str]:
 
 def one_process_command(args, **options) -> str:
     """The command that computes a merged result in one process (its parts ran split over processes, by contender,
-    seed or rate): the run settings that differ from the defaults, then ``options`` (option → list of values)."""
+    seed or rate): the run settings that differ from the defaults, then ``options`` (option → list of values), then
+    the merged file's ``--name``, so that the command rewrites that file and no other."""
     defaults = vars(build_parser().parse_args([]))
 
     def text(value) -> str:
@@ -486,6 +487,8 @@ def one_process_command(args, **options) -> str:
     for key, values in options.items():
         if values:
             argv += [f"--{key.replace('_', '-')}", *map(text, values)]
+    if args.name != defaults["name"]:
+        argv += ["--name", args.name]
     return reproduce_command(argv)
 
 

@@ -57,11 +57,12 @@ def test_a_grid_split_by_only_is_read_back_from_both_files(monkeypatch, tmp_path
     bench.main(["--merge", *files, "--name", "grid"])  # the two parts as one grid file
     merged = json.loads((tmp_path / "grid_lr_grid.json").read_text())
     assert merged["best_lr"] == {name: 5e-3 for name in FINALS} and set(merged["final"]) == set(FINALS)
-    # its command computes it in one process (the parts can go): same grid, same choice
+    # its command computes it in one process (the parts can go) into the same file: same grid, same choice
     assert merged["command"] == ("python benchmarks/hyperadalora_convergence.py --lr-grid 0.001 0.005 --seeds 0 "
-                                 "--only AdaLoRA HyperAdaLoRA-triplet --jobs 2")
-    bench.main([*merged["command"].split()[2:], "--jobs", "1", "--name", "one"])
-    again = json.loads((tmp_path / "one_lr_grid.json").read_text())
+                                 "--only AdaLoRA HyperAdaLoRA-triplet --jobs 2 --name grid")
+    (tmp_path / "grid_lr_grid.json").unlink()
+    bench.main([*merged["command"].split()[2:], "--jobs", "1"])
+    again = json.loads((tmp_path / "grid_lr_grid.json").read_text())
     assert again["final"] == merged["final"] and again["best_lr"] == merged["best_lr"]
     # a part that ran other settings is not part of the same grid
     bench.lr_grid(bench.parse_args(["--lr-grid", "2e-3", "--seeds", "0", "--only", "LoRA", "--steps", "20",
@@ -105,8 +106,9 @@ def test_seeds_run_in_parts_merge_into_one_file_whose_command_runs_them_together
     bench.main(["--merge", str(tmp_path / "s1.json"), str(tmp_path / "s2.json"), "--name", "merged"])
     merged = json.loads((tmp_path / "merged.json").read_text())
     assert merged["command"] == (f"python benchmarks/hyperadalora_convergence.py --lrs-from {grid} --seeds 1 2 "
-                                 "--only LoRA AdaLoRA --jobs 2")
+                                 "--only LoRA AdaLoRA --jobs 2 --name merged")
     assert merged["results"]["AdaLoRA"]["final_per_seed"] == [pytest.approx(0.715), pytest.approx(0.725)]
-    bench.main([*merged["command"].split()[2:], "--jobs", "1", "--name", "together"])
-    together = json.loads((tmp_path / "together.json").read_text())
+    (tmp_path / "merged.json").unlink()  # the recorded command writes the merged file again, not another
+    bench.main([*merged["command"].split()[2:], "--jobs", "1"])
+    together = json.loads((tmp_path / "merged.json").read_text())
     assert together["results"]["AdaLoRA"]["final_per_seed"] == merged["results"]["AdaLoRA"]["final_per_seed"]
