@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from lora_lightning.adapters.base import CLASSIFIER_HEAD_NAMES
-from lora_lightning.adapters.quant import check_quantization, quantization_config
+from lora_lightning.adapters.quant import check_quantization, keep_trainable_layout, quantization_config
 from lora_lightning.assets import resolve_backbone
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -206,6 +206,8 @@ def load_backbone(
             trust_remote_code=trust_remote_code,
             **model_kwargs,
         )
+    if "quantization_config" in model_kwargs:
+        keep_trainable_layout(model)
     return _with_task_settings(model, name, task, num_labels, trust_remote_code)
 
 

@@ -43,6 +43,19 @@ def quantization_config(quantization: str, compute_dtype: torch.dtype, keep: lis
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
 
 
+def keep_trainable_layout(model: nn.Module) -> None:
+    """Keep every 4-bit base layer in bitsandbytes' trainable weight layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes' ``Linear4bit`` repacks its weight in place the first time it runs in
+    eval mode without grad (a validation pass) into a layout for inference only: from then on its matmul records
+    no autograd graph, so every step after the first validation loses the gradient through the frozen base
+    (adapter gradients off by 45-78 % on a 64-wide Llama), and a layer narrower than one quantisation block fails
+    outright. Training alternates eval and train, so the repacking is switched off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def is_quantized(layer: nn.Module) -> bool:
     """Whether ``layer``'s weight is stored quantised (bitsandbytes 4-bit / 8-bit, or any integer-typed weight)."""
     weight = getattr(layer, "weight", None)

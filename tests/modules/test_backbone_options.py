@@ -220,6 +220,29 @@ def test_quantised_classifier_head_stays_full_precision(tiny_bert):
 
 
 @needs_bnb
+def test_nf4_base_trains_the_same_after_a_validation_pass(tiny_llama):
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight for inference at its first eval no-grad forward,
+    after which no gradient flows through the base (or, at hidden 32, the forward fails): a validation pass must
+    leave the next step's gradients unchanged."""
+    quant = build("lora", tiny_llama, quantization="nf4")
+    layers = [m for m in quant.backbone.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert len(layers) == 14 and not any(m.support_avx512bf16_for_cpu for m in layers)  # 7 projections x 2 blocks
+    batch = batch_for(tiny_llama)
+    training_loss(quant, batch).backward()
+    before = trained_grads(quant)
+    quant.zero_grad(set_to_none=True)
+    quant.eval()
+    with torch.no_grad():
+        quant(batch)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    training_loss(quant, batch).backward()
+    after = trained_grads(quant)
+    assert before.keys() == after.keys() and len(before) > 0
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=0, rtol=0, msg=name)
+
+
+@needs_bnb
 def test_quantised_base_refuses_merge_and_exports_peft_for_the_fp32_base(tiny_llama, tmp_path, monkeypatch):
     quant = build("lora", tiny_llama, quantization="nf4")
     with monkeypatch.context() as patch:  # refused before the backbone is copied
